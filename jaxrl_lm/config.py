@@ -1,0 +1,361 @@
+"""Experiment configuration: frozen dataclasses loaded from YAML plus dotted overrides.
+
+One path for scripts and notebooks alike::
+
+    cfg = load_config("configs/base.yaml", ["model.n_layers=2"])       # CLI style
+    cfg = load_config("configs/base.yaml", model__n_layers=2)          # keyword style
+
+A YAML file may name other files under the top-level key ``include`` (paths relative to that file); they are
+merged first, in order, and the including file's own keys win. Every key is checked against the dataclasses:
+an unknown key, a value of the wrong type or outside its allowed set is a ``ConfigError`` naming the key (and
+the file it came from). A key given twice in one override list is an error too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key and where it came from."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections. Every field is documented in configs/base.yaml, beside its default.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: Literal["gpt2", "llama"] = "gpt2"
+    vocab_size: int = 256
+    vocab_pad_multiple: int = 1
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 = same as n_heads (no grouping); llama only
+    d_ff: int = 0  # 0 = 4 * d_model (gpt2), 8/3 * d_model rounded up to a multiple of 64 (llama)
+    max_seq_len: int = 128
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    attention_bias: bool = False  # llama family: Qwen2-style q/k/v biases
+    dropout: float = 0.0
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters are always float32
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    n_q_heads: int = 2
+    q_head: Literal["mlp", "linear"] = "mlp"
+    q_head_hidden_mult: int = 2
+    init_std: float = 0.02
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.family == "gpt2":
+            return 4 * self.d_model
+        return int(64 * math.ceil((8 * self.d_model / 3) / 64))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    backup: Literal["expectile", "max", "sarsa"] = "expectile"
+    time_step: Literal["token", "utterance"] = "token"
+    gamma: float = 0.99
+    expectile_tau: float = 0.7
+    lambda_v: float = 1.0
+    cql_alpha: float = 0.1
+    cql_temperature: float = 1.0
+    lambda_bc: float = 1.0
+    awr_beta: float = 0.0
+    awr_max_weight: float = 20.0
+    value_min: Optional[float] = None
+    value_max: Optional[float] = None
+    target_scope: Literal["heads", "full"] = "heads"
+    target_ema: float = 0.005
+    # Head work runs only on decision positions, gathered into a static buffer of this fraction of the
+    # batch's tokens (1.0 = every position fits). Positions beyond it are counted in metrics, never silent.
+    decision_fraction: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 3e-4
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # global norm; 0 = off
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # JSONL of episodes or a built TFDS directory; "" = the built-in demo task
+    tokenizer: str = ""  # tokenizer.json or HF directory; "" = the built-in character tokenizer
+    seq_len: int = 128
+    batch_size: int = 8
+    truncate_side: Literal["left", "right"] = "left"
+    pack: bool = True
+    shuffle: bool = True
+    skip_invalid: bool = False
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1 = every device not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    seed: int = 0
+    log_every: int = 10
+    out_dir: str = "runs/default"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    rl: RLConfig = RLConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and validation.
+
+
+def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
+    """Coerces ``value`` to the annotated type ``tp`` or raises a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(key, inner[0], value, where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{where}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}{where}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}{where}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}{where}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}{where}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # a programming error in this file
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, sources: dict[str, str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        where = f" (from {sources[key]})" if key in sources else ""
+        if name not in fields:
+            raise ConfigError(f"unknown config key {key!r}{where}; known keys here: {sorted(fields)}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}{where}")
+            kwargs[name] = _build(tp, value, f"{key}.", sources)
+        else:
+            kwargs[name] = _check_value(key, tp, value, where)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, new: dict, sources: dict[str, str], origin: str, prefix: str = "") -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, sources, origin, f"{key}.")
+        else:
+            out[k] = v
+            _record(v, key, sources, origin)
+    return out
+
+
+def _record(value: Any, key: str, sources: dict[str, str], origin: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _record(v, f"{key}.{k}", sources, origin)
+    else:
+        sources[key] = origin
+
+
+def _read_yaml(path: Path, sources: dict[str, str], seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: include cycle through {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    includes = raw.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = _merge(merged, _read_yaml(path.parent / inc, sources, seen + (path,)), sources, str(path.parent / inc))
+    return _merge(merged, raw, sources, str(path))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config path as given, or relative to the repository root (so ``configs/x.yaml`` works from anywhere)."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    return REPO_ROOT / p
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kw: Any) -> Config:
+    """Loads a Config from a YAML file (default: configs/base.yaml) and applies overrides.
+
+    Args:
+      path: YAML file; None means ``configs/base.yaml``.
+      overrides: ``["model.n_layers=4", ...]``; values are parsed as YAML scalars.
+      **kw: the same as keyword arguments, with ``__`` for the dot: ``model__n_layers=4``.
+    """
+    sources: dict[str, str] = {}
+    tree = _read_yaml(resolve_path(path or "configs/base.yaml"), sources)
+    items = [_parse_override(o) for o in (overrides or [])]
+    items += [(k.replace("__", "."), v) for k, v in kw.items()]
+    seen: set[str] = set()
+    for key, value in items:
+        if key in seen:
+            raise ConfigError(f"override {key!r} is given more than once")
+        seen.add(key)
+        parts = key.split(".")
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+        sources[key] = "override"
+    cfg = _build(Config, tree, "", sources)
+    validate(cfg)
+    return cfg
+
+
+def replace(cfg: Config, **kw: Any) -> Config:
+    """A copy of ``cfg`` with ``section__field=value`` replacements, validated like a loaded config."""
+    tree = cfg.to_dict()
+    for k, v in kw.items():
+        section, field = k.split("__", 1)
+        tree[section][field] = v
+    new = _build(Config, tree, "", {})
+    validate(new)
+    return new
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each error names the key to change."""
+    m, rl, o, d = cfg.model, cfg.rl, cfg.optim, cfg.data
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.vocab_pad_multiple": m.vocab_pad_multiple,
+        "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+        "model.max_seq_len": m.max_seq_len, "model.n_q_heads": m.n_q_heads,
+        "model.q_head_hidden_mult": m.q_head_hidden_mult, "optim.grad_accum": o.grad_accum,
+        "data.seq_len": d.seq_len, "data.batch_size": d.batch_size, "train.steps": cfg.train.steps,
+        "train.log_every": cfg.train.log_every,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key} must be positive, got {v}")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
+    if m.family == "gpt2" and m.n_kv_heads not in (0, m.n_heads):
+        raise ConfigError("model.n_kv_heads: grouped-query attention is a llama-family option; gpt2 uses 0")
+    if m.family == "llama" and m.head_dim % 2:
+        raise ConfigError(f"model: RoPE needs an even head dim, d_model/n_heads = {m.head_dim}")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if not 0.0 < rl.gamma <= 1.0:
+        raise ConfigError(f"rl.gamma must be in (0, 1], got {rl.gamma}")
+    if not 0.0 < rl.expectile_tau < 1.0:
+        raise ConfigError(f"rl.expectile_tau must be in (0, 1), got {rl.expectile_tau}")
+    if not 0.0 < rl.target_ema <= 1.0:
+        raise ConfigError(f"rl.target_ema must be in (0, 1], got {rl.target_ema}")
+    if rl.cql_temperature <= 0:
+        raise ConfigError(f"rl.cql_temperature must be positive, got {rl.cql_temperature}")
+    if not 0.0 < rl.decision_fraction <= 1.0:
+        raise ConfigError(f"rl.decision_fraction must be in (0, 1], got {rl.decision_fraction}")
+    if rl.value_min is not None and rl.value_max is not None and rl.value_min >= rl.value_max:
+        raise ConfigError(f"rl.value_min ({rl.value_min}) must be below rl.value_max ({rl.value_max})")
+    for key, v in {"rl.lambda_v": rl.lambda_v, "rl.cql_alpha": rl.cql_alpha, "rl.lambda_bc": rl.lambda_bc,
+                   "rl.awr_beta": rl.awr_beta, "optim.weight_decay": o.weight_decay,
+                   "optim.grad_clip": o.grad_clip, "model.dropout": m.dropout}.items():
+        if v < 0:
+            raise ConfigError(f"{key} must be non-negative, got {v}")
+    if d.batch_size % o.grad_accum:
+        raise ConfigError(f"data.batch_size ({d.batch_size}) must be divisible by optim.grad_accum ({o.grad_accum})")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what a run saves beside its outputs)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
