@@ -1,0 +1,156 @@
+"""The whole token-level Q-learning objective: transitions -> gathered decision rows -> heads -> losses.
+
+The heads only ever see decision rows. Each row's hidden states ``[L, D]`` are gathered at its decision
+positions into a static buffer of ``M = ceil(decision_fraction * L)`` slots before any head runs, so no
+``[B, L, V]`` tensor exists (and the gathered ``[B, M, D]`` stays sharded along the batch like the batch); the target Q-values at the data action are computed by gathering the output
+weights first (``q_at``), so the target heads never project onto the whole vocabulary unless a ``max`` (or
+``sarsa`` at a truncation) backup needs it. Decisions past a row's ``M`` slots are counted in
+``metrics['decisions_dropped']``, never silently lost (the data loader checks it before training too).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_lm.config import RLConfig
+from jaxrl_lm.rl import losses
+from jaxrl_lm.rl.transitions import transitions
+
+
+class Heads(NamedTuple):
+    """The model's heads as callables on hidden states ``h [..., D] float32``; outputs float32.
+
+    q_logits(h) -> [K, ..., V]; q_at(h, a [...] int32) -> [K, ...]; value(h) -> [...]; lm_logits(h) -> [..., V];
+    target_q_logits / target_q_at: the same with the target parameters.
+    """
+
+    q_logits: Callable[[jnp.ndarray], jnp.ndarray]
+    q_at: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+    value: Callable[[jnp.ndarray], jnp.ndarray]
+    lm_logits: Callable[[jnp.ndarray], jnp.ndarray]
+    target_q_logits: Callable[[jnp.ndarray], jnp.ndarray]
+    target_q_at: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def decision_capacity(rl: RLConfig, seq_len: int) -> int:
+    """Static number of decision slots gathered per batch row of length ``seq_len``."""
+    return max(1, math.ceil(rl.decision_fraction * seq_len))
+
+
+def count_decisions(batch: Mapping[str, jnp.ndarray], rl: RLConfig) -> jnp.ndarray:
+    """|D| of a batch as a float32 scalar (the loss denominator when the batch is the whole optimizer step)."""
+    tr = transitions(batch, gamma=rl.gamma, time_step=rl.time_step)
+    return jnp.sum(tr.decision, dtype=jnp.float32)
+
+
+def _gather(x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """``x [B, L, ...]`` at per-row positions ``index [B, M]`` -> ``[B, M, ...]``."""
+    return jax.vmap(lambda row, i: row[i])(x, index)
+
+
+def _first_positions(mask: jnp.ndarray, capacity: int) -> jnp.ndarray:
+    """Per row, the first ``capacity`` positions where ``mask`` holds, padded with 0. ``[B, L] -> [B, M] int32``."""
+    return jax.vmap(lambda m: jnp.nonzero(m, size=capacity, fill_value=0)[0].astype(jnp.int32))(mask)
+
+
+def bellman_objective(
+    rl: RLConfig,
+    batch: Mapping[str, jnp.ndarray],
+    hidden: jnp.ndarray,
+    target_hidden: jnp.ndarray,
+    heads: Heads,
+    *,
+    vocab_size: int,
+    denominator: jnp.ndarray | None = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """Total loss L = L_Q + lambda_V L_V + alpha_CQL L_CQL + lambda_BC L_BC, and its metrics.
+
+    Args:
+      rl: the loss configuration.
+      batch: the ``[B, L]`` fields of ``jaxrl_lm.batch``.
+      hidden: ``[B, L, D] float32`` online trunk states h_i.
+      target_hidden: ``[B, L, D] float32`` states the target heads read (the online ones for
+        ``target_scope: heads``, the target trunk's for ``full``); gradients never flow into them.
+      heads: the head callables.
+      vocab_size: the real vocabulary size; padded ids above it are excluded from every softmax and max.
+      denominator: decision count of the whole optimizer step (global batch, all micro-batches); default: this
+        batch's count.
+
+    Returns:
+      ``(loss [] float32, metrics)``; metrics are device scalars.
+    """
+    batch_size, seq_len = batch["tokens"].shape
+    tr = transitions(batch, gamma=rl.gamma, time_step=rl.time_step)
+    n_decisions = jnp.sum(tr.decision, dtype=jnp.float32)
+    if denominator is None:
+        denominator = n_decisions
+    capacity = decision_capacity(rl, seq_len)
+
+    slots = _first_positions(tr.decision, capacity)  # [B, M]
+    row_decisions = jnp.sum(tr.decision, axis=-1, dtype=jnp.int32)
+    weight = (jnp.arange(capacity)[None, :] < row_decisions[:, None]).astype(jnp.float32)
+    n_used = jnp.sum(weight)  # metrics average over the rows that were scored
+    next_slots = _gather(tr.next_index, slots)
+    action, reward, done, discount, next_is_decision, next_action = (
+        _gather(x, slots) for x in (tr.action, tr.reward, tr.done, tr.discount, tr.next_is_decision, tr.next_action)
+    )
+
+    h = _gather(hidden, slots)  # [B, M, D]
+    target_hidden = jax.lax.stop_gradient(target_hidden)
+    target_h = _gather(target_hidden, slots)
+    target_q_taken = jax.lax.stop_gradient(heads.target_q_at(target_h, action))  # [K, B, M]
+    value = heads.value(h)  # [B, M]
+
+    if rl.backup == "expectile":
+        backup = jax.lax.stop_gradient(heads.value(_gather(jax.lax.stop_gradient(hidden), next_slots)))
+    else:
+        target_next = _gather(target_hidden, next_slots)
+        backup = losses.max_backup(heads.target_q_logits(target_next), vocab_size)
+        if rl.backup == "sarsa":
+            on_policy = jnp.min(heads.target_q_at(target_next, next_action), axis=0)
+            backup = jnp.where(next_is_decision, on_policy, backup)  # a truncation state backs up as `max`
+    backup = jnp.where(weight > 0, backup, 0.0)  # unused buffer rows stay finite
+    target = losses.td_target(reward, done, discount, backup, rl.value_min, rl.value_max)
+
+    metrics: dict[str, jnp.ndarray] = {}
+    if rl.cql_alpha > 0:
+        q_logits = heads.q_logits(h)  # [K, B, M, V]
+        q_taken = jnp.take_along_axis(q_logits, jnp.broadcast_to(action[None, ..., None], q_logits.shape[:-1] + (1,)),
+                                      axis=-1)[..., 0]
+        cql = losses.cql_loss(q_logits, action, rl.cql_temperature, vocab_size, weight, denominator)
+        gap = losses.cql_gap(jax.lax.stop_gradient(q_logits), jax.lax.stop_gradient(q_taken), vocab_size)
+        metrics["cql_gap"] = losses.weighted_mean(jnp.mean(gap, axis=0), weight, n_used)
+    else:
+        q_taken = heads.q_at(h, action)
+        cql = jnp.float32(0.0)
+
+    q = losses.q_loss(q_taken, target, weight, denominator)
+    v = (losses.expectile_loss(target_q_taken, value, rl.expectile_tau, weight, denominator)
+         if rl.backup == "expectile" else jnp.float32(0.0))
+    if rl.lambda_bc > 0:
+        awr = losses.awr_weights(target_q_taken, value, rl.awr_beta, rl.awr_max_weight)
+        bc = losses.bc_loss(heads.lm_logits(h), action, awr, vocab_size, weight, denominator)
+        metrics["awr_weight_mean"] = losses.weighted_mean(awr, weight, n_used)
+    else:
+        bc = jnp.float32(0.0)
+
+    loss = q + rl.lambda_v * v + rl.cql_alpha * cql + rl.lambda_bc * bc
+    q_mean = jnp.mean(jax.lax.stop_gradient(q_taken), axis=0)
+    metrics.update(
+        loss=loss,
+        q_loss=q,
+        v_loss=v,
+        cql_loss=cql,
+        bc_loss=bc,
+        q_mean=losses.weighted_mean(q_mean, weight, n_used),
+        v_mean=losses.weighted_mean(jax.lax.stop_gradient(value), weight, n_used),
+        target_mean=losses.weighted_mean(target, weight, n_used),
+        td_error=losses.weighted_mean(jnp.abs(q_mean - target), weight, n_used),
+        decisions=n_decisions,
+        decisions_dropped=jnp.sum(jnp.maximum(row_decisions - capacity, 0), dtype=jnp.float32),
+    )
+    return loss, metrics
