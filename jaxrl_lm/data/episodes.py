@@ -1,0 +1,218 @@
+"""Episode schema and validation for JSON Lines files (one episode per line).
+
+Schema of one line::
+
+    {"id": "ep-17",
+     "turns": [{"role": "observation", "text": "..."},
+               {"role": "action", "text": "...", "reward": -1.0}, ...],
+     "done": true,
+     "meta": {...}}
+
+- ``id``: non-empty string, unique within one read.
+- ``turns``: non-empty list; ``role`` is ``"observation"`` (the environment's text) or ``"action"`` (the agent's);
+  ``text`` is a string (may be empty); ``reward`` (a finite number, default 0) is allowed on action turns only.
+  At least one turn must be an action turn.
+- ``done``: true when the episode really ended (terminal), false when it was cut off (truncated).
+- ``meta``: optional object, passed through untouched.
+
+Unknown keys are errors (a misspelt ``"reward"`` must not silently become 0). Blank lines are not episodes and
+are ignored. Every problem is reported as ``file:line: field: reason``: strict mode raises ``EpisodeError`` on
+the first one; ``skip_invalid`` mode records a ``Rejection`` per bad line and goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Mapping, NamedTuple
+
+ROLES = ("observation", "action")
+_EPISODE_KEYS = {"id", "turns", "done", "meta"}
+_TURN_KEYS = {"role", "text", "reward"}
+
+
+class EpisodeError(ValueError):
+    """One invalid episode line. ``str()`` is ``file:line: field: reason``."""
+
+    def __init__(self, path: str, line: int, field: str, reason: str):
+        super().__init__(f"{path}:{line}: {field}: {reason}")
+        self.path, self.line, self.field, self.reason = path, line, field, reason
+
+
+class Rejection(NamedTuple):
+    """A line skipped in ``skip_invalid`` mode, with the same parts as an ``EpisodeError``."""
+
+    path: str
+    line: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.field}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    role: Literal["observation", "action"]
+    text: str
+    reward: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Episode:
+    """A validated episode. ``source`` is ``file:line`` (or ``<memory>:index``) for later reports."""
+
+    id: str
+    turns: tuple[Turn, ...]
+    done: bool
+    meta: dict = dataclasses.field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def episode_return(self) -> float:
+        return float(sum(t.reward for t in self.turns))
+
+
+def _parse_turn(obj: Any, field: str, fail) -> Turn:
+    if not isinstance(obj, dict):
+        fail(field, f"a turn must be an object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - _TURN_KEYS)
+    if unknown:
+        fail(f"{field}.{unknown[0]}", f"unknown key (allowed: {sorted(_TURN_KEYS)})")
+    role = obj.get("role")
+    if role not in ROLES:
+        fail(f"{field}.role", f"unknown role {role!r} (allowed: {list(ROLES)})")
+    if "text" not in obj:
+        fail(f"{field}.text", "missing")
+    if not isinstance(obj["text"], str):
+        fail(f"{field}.text", f"must be a string, got {type(obj['text']).__name__}")
+    reward = obj.get("reward", 0.0)
+    if "reward" in obj and role == "observation":
+        fail(f"{field}.reward", "rewards belong to action turns; observation turns carry none")
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+        fail(f"{field}.reward", f"must be a number, got {reward!r}")
+    if not math.isfinite(reward):
+        fail(f"{field}.reward", f"must be finite, got {reward!r}")
+    return Turn(role=role, text=obj["text"], reward=float(reward))
+
+
+def parse_episode(obj: Any, *, path: str = "<memory>", line: int = 0) -> Episode:
+    """Validates one decoded JSON object. Raises ``EpisodeError`` naming ``path``, ``line`` and the field."""
+
+    def fail(field: str, reason: str):
+        raise EpisodeError(path, line, field, reason)
+
+    if not isinstance(obj, dict):
+        fail("episode", f"a line must hold a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - _EPISODE_KEYS)
+    if unknown:
+        fail(unknown[0], f"unknown key (allowed: {sorted(_EPISODE_KEYS)})")
+    ep_id = obj.get("id")
+    if not isinstance(ep_id, str) or not ep_id:
+        fail("id", f"must be a non-empty string, got {ep_id!r}")
+    turns = obj.get("turns")
+    if not isinstance(turns, list) or not turns:
+        fail("turns", f"must be a non-empty list, got {turns!r}"[:200])
+    parsed = tuple(_parse_turn(t, f"turns[{i}]", fail) for i, t in enumerate(turns))
+    if not any(t.role == "action" for t in parsed):
+        fail("turns", "no action turn: an episode needs at least one agent turn to learn from")
+    done = obj.get("done")
+    if not isinstance(done, bool):
+        fail("done", f"must be true (terminal) or false (cut off), got {done!r}")
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        fail("meta", f"must be an object, got {type(meta).__name__}")
+    return Episode(id=ep_id, turns=parsed, done=done, meta=meta, source=f"{path}:{line}")
+
+
+def jsonl_records(path: str | Path) -> Iterator[tuple[str, int, str]]:
+    """``(path, line_number, text)`` for every non-blank line of a JSONL file; line numbers start at 1."""
+    path = str(path)
+    with open(path, encoding="utf-8") as f:
+        for n, text in enumerate(f, start=1):
+            if text.strip():
+                yield path, n, text
+
+
+def _decode(path: str, line: int, raw: str | Mapping) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise EpisodeError(path, line, "json", f"not valid JSON: {e.msg} at column {e.colno}") from None
+
+
+def iter_episodes(
+    records: Iterable[tuple[str, int, str | Mapping]], *, skip_invalid: bool = False,
+    rejected: list[Rejection] | None = None,
+) -> Iterator[Episode]:
+    """Validated episodes from ``(path, line, raw)`` records, raw being a JSON string or a decoded object.
+
+    Ids must be unique across all records. In ``skip_invalid`` mode each bad record is appended to ``rejected``
+    (required then) and skipped; otherwise the first one raises ``EpisodeError``.
+    """
+    if skip_invalid and rejected is None:
+        raise ValueError("skip_invalid=True needs a `rejected` list to report the skipped lines into")
+    first_seen: dict[str, str] = {}
+    for path, line, raw in records:
+        try:
+            ep = parse_episode(_decode(path, line, raw), path=path, line=line)
+            if ep.id in first_seen:
+                raise EpisodeError(path, line, "id", f"duplicate id {ep.id!r}, first seen at {first_seen[ep.id]}")
+        except EpisodeError as e:
+            if not skip_invalid:
+                raise
+            rejected.append(Rejection(e.path, e.line, e.field, e.reason))  # type: ignore[union-attr]
+            continue
+        first_seen[ep.id] = ep.source
+        yield ep
+
+
+def memory_records(objs: Iterable[Mapping | Episode], source: str = "<memory>") -> Iterator[tuple[str, int, Any]]:
+    """Records for ``iter_episodes`` from in-memory dicts (e.g. an environment's rollouts); index = line.
+
+    Already-validated ``Episode`` objects are turned back into dicts so they pass the same checks.
+    """
+    for i, obj in enumerate(objs):
+        if isinstance(obj, Episode):
+            obj = {"id": obj.id, "turns": [_turn_dict(t) for t in obj.turns], "done": obj.done, "meta": obj.meta}
+        yield source, i, obj
+
+
+def _turn_dict(t: Turn) -> dict:
+    d: dict[str, Any] = {"role": t.role, "text": t.text}
+    if t.role == "action":
+        d["reward"] = t.reward
+    return d
+
+
+def read_jsonl(path: str | Path, *, skip_invalid: bool = False) -> tuple[list[Episode], list[Rejection]]:
+    """All valid episodes of a JSONL file and the rejected lines (always empty in strict mode)."""
+    rejected: list[Rejection] = []
+    episodes = list(iter_episodes(jsonl_records(path), skip_invalid=skip_invalid, rejected=rejected))
+    return episodes, rejected
+
+
+def write_jsonl(path: str | Path, episodes: Iterable[Mapping | Episode]) -> None:
+    """Writes episodes (dicts or ``Episode``) as JSON Lines, the inverse of ``read_jsonl``."""
+    with open(path, "w", encoding="utf-8") as f:
+        for _, _, obj in memory_records(episodes):
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def synthetic_episodes(n: int, *, seed: int = 0, max_turns: int = 6, terminal_fraction: float = 0.7) -> list[dict]:
+    """``n`` valid random episode dicts (varied lengths, rewards, done flags) for tests and loader benchmarks."""
+    rng = random.Random(seed)
+    episodes = []
+    for i in range(n):
+        turns: list[dict] = []
+        for k in range(rng.randint(1, max_turns)):
+            turns.append({"role": "observation", "text": f"room {k}: " + "door " * rng.randint(0, 8)})
+            turns.append({"role": "action", "text": "go " * rng.randint(1, 4), "reward": float(rng.randint(-2, 1))})
+        episodes.append({"id": f"syn-{seed}-{i}", "turns": turns, "done": rng.random() < terminal_fraction,
+                         "meta": {"seed": seed}})
+    return episodes
