@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: Literal["gpt2", "llama"] = "gpt2"
-    vocab_size: int = 256
+    vocab_size: int = 260  # the built-in byte tokenizer's vocabulary
     vocab_pad_multiple: int = 1
     d_model: int = 64
     n_layers: int = 2
@@ -114,8 +114,9 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    path: str = ""  # JSONL of episodes or a built TFDS directory; "" = the built-in demo task
-    tokenizer: str = ""  # tokenizer.json or HF directory; "" = the built-in character tokenizer
+    path: str = "task:grid"  # JSONL of episodes, a built TFDS directory, or task:NAME (a built-in task's data)
+    task_episodes: int = 2000  # episodes generated for a task:NAME path
+    tokenizer: str = ""  # tokenizer.json or HF directory; "" = the built-in byte tokenizer
     seq_len: int = 128
     batch_size: int = 8
     truncate_side: Literal["left", "right"] = "left"
@@ -123,6 +124,7 @@ class DataConfig:
     shuffle: bool = True
     skip_invalid: bool = False
     seed: int = 0
+    num_epochs: int = 0  # passes over the episodes; 0 = repeat forever
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +322,7 @@ def validate(cfg: Config) -> None:
         "model.max_seq_len": m.max_seq_len, "model.n_q_heads": m.n_q_heads,
         "model.q_head_hidden_mult": m.q_head_hidden_mult, "optim.grad_accum": o.grad_accum,
         "data.seq_len": d.seq_len, "data.batch_size": d.batch_size, "train.steps": cfg.train.steps,
-        "train.log_every": cfg.train.log_every,
+        "train.log_every": cfg.train.log_every, "data.task_episodes": d.task_episodes,
     }
     for key, v in positive.items():
         if v <= 0:
