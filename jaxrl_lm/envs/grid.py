@@ -1,0 +1,177 @@
+"""Grid stitching: walk a fixed random graph to its goal corner; the data holds only short truncated walks.
+
+The graph is a ``size x size`` lattice of nodes ``0 .. size*size - 1`` (row-major), reduced to a random
+spanning tree plus ``extra_edges`` random lattice edges, all drawn from ``graph_seed``; the goal is a corner
+drawn from the same seed. The graph is the task (fixed across episodes); episodes differ by start node.
+
+Text: observation ``"at 14"``; action ``"go 15"`` names the next node.
+Rewards: -1 per action; the action that enters the goal earns 0 and ends the episode (the maze's convention,
+so a start ``d`` moves from the goal has optimal return ``-(d - 1)``). An action that is unparseable or names a
+node that is not a neighbour costs -1 and leaves the agent where it is.
+
+Dataset: walks of ``WALK_STEPS`` actions from starts spread uniformly over the graph, mostly random lattice
+moves (some of them illegal because the edge is missing); a walk is truncated (``done=False``) unless it
+really reaches the goal. No walk from a start more than ``WALK_STEPS`` moves away reaches the goal, so an
+optimal path from far away never appears whole: only bootstrapping can join the pieces.
+
+Evaluation: from every non-goal node, cut (truncated) after ``EVAL_STEPS`` actions, so the worst return is -30.
+Because the dataset's walks are not whole evaluation episodes, their mean return (about -3.8) says nothing about
+how good the behaviour is; the 50 mark is instead the behaviour policy itself run under the evaluation protocol.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+
+import numpy as np
+
+from jaxrl_lm.envs.base import Policy, Transcript, register_env
+from jaxrl_lm.envs.tasks import ANCHOR_BEHAVIOUR, TaskSpec, register_task
+
+WALK_STEPS = 4
+EVAL_STEPS = 30
+_ACTION = re.compile(r"go (\d{1,4})")
+
+
+class GridGraph:
+    """A seeded random connected subgraph of the square lattice with a goal corner and BFS distances."""
+
+    def __init__(self, size: int = 6, graph_seed: int = 0, extra_edges: int = 8):
+        if size < 2:
+            raise ValueError(f"GridGraph: size must be >= 2, got {size}")
+        rng = np.random.default_rng(graph_seed)
+        self.size = size
+        self.num_nodes = size * size
+        lattice = self._lattice_edges()
+        rng.shuffle(lattice)
+        tree, rest = self._spanning_tree(lattice)
+        if not 0 <= extra_edges <= len(rest):
+            raise ValueError(f"GridGraph: extra_edges must be in [0, {len(rest)}] for size {size}, got {extra_edges}")
+        self.edges = sorted(tree + rest[:extra_edges])
+        self.neighbours: list[set[int]] = [set() for _ in range(self.num_nodes)]
+        for a, b in self.edges:
+            self.neighbours[a].add(b)
+            self.neighbours[b].add(a)
+        corners = [0, size - 1, self.num_nodes - size, self.num_nodes - 1]
+        self.goal = int(corners[rng.integers(len(corners))])
+        self.distance = self._bfs(self.goal)
+
+    def lattice_neighbours(self, node: int) -> list[int]:
+        """Nodes one lattice step away (up, down, left, right), whether or not the graph keeps that edge."""
+        r, c = divmod(node, self.size)
+        cells = [(r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)]
+        return [rr * self.size + cc for rr, cc in cells if 0 <= rr < self.size and 0 <= cc < self.size]
+
+    def best_move(self, node: int) -> int:
+        """The neighbour closest to the goal (lowest id on ties, so the reference policy is deterministic)."""
+        return min(self.neighbours[node], key=lambda n: (self.distance[n], n))
+
+    def _lattice_edges(self) -> list[tuple[int, int]]:
+        return [(a, b) for a in range(self.num_nodes) for b in self.lattice_neighbours(a) if a < b]
+
+    def _spanning_tree(self, edges: list[tuple[int, int]]) -> tuple[list, list]:
+        """Kruskal over shuffled edges: the tree edges, and the unused edges in shuffled order."""
+        parent = list(range(self.num_nodes))
+
+        def root(n: int) -> int:
+            while parent[n] != n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+
+        tree, rest = [], []
+        for a, b in edges:
+            ra, rb = root(a), root(b)
+            if ra == rb:
+                rest.append((a, b))
+            else:
+                parent[ra] = rb
+                tree.append((a, b))
+        return tree, rest
+
+    def _bfs(self, source: int) -> list[int]:
+        distance = [-1] * self.num_nodes
+        distance[source] = 0
+        queue = deque([source])
+        while queue:
+            node = queue.popleft()
+            for n in self.neighbours[node]:
+                if distance[n] < 0:
+                    distance[n] = distance[node] + 1
+                    queue.append(n)
+        return distance
+
+
+class GridEnv:
+    """The grid stitching environment; seed ``i`` starts at the ``i % num_instances``-th non-goal node."""
+
+    def __init__(self, size: int = 6, graph_seed: int = 0, extra_edges: int = 8):
+        self.graph = GridGraph(size, graph_seed, extra_edges)
+        self.starts = [n for n in range(self.graph.num_nodes) if n != self.graph.goal]
+        self.num_instances = len(self.starts)
+        self.node = -1
+        self.done = True
+
+    def reset(self, seed: int) -> str:
+        self.node = self.starts[seed % self.num_instances]
+        self.done = False
+        return f"at {self.node}"
+
+    def step(self, action: str) -> tuple[str, float, bool]:
+        if self.done:
+            raise RuntimeError("GridEnv.step called on a finished episode; call reset(seed) first")
+        target = parse_move(action)
+        if target in self.graph.neighbours[self.node]:
+            self.node = target
+        self.done = self.node == self.graph.goal
+        return f"at {self.node}", 0.0 if self.done else -1.0, self.done
+
+
+def parse_move(action: str) -> int | None:
+    """Node named by ``"go N"`` (surrounding whitespace ignored), or None when the text is not a move."""
+    match = _ACTION.fullmatch(action.strip())
+    return int(match.group(1)) if match else None
+
+
+def optimal_policy() -> Policy:
+    """Shortest-path policy (reads the env's graph and node)."""
+
+    def act(transcripts: list[Transcript]) -> list[str]:
+        return [f"go {t.env.graph.best_move(t.env.node)}" for t in transcripts]
+
+    return act
+
+
+def behaviour_policy(seed: int, p_random: float = 0.8) -> Policy:
+    """With probability ``p_random`` a uniformly random lattice move (illegal if the edge is missing), else the
+    shortest-path move."""
+    rng = np.random.default_rng(seed)
+
+    def act(transcripts: list[Transcript]) -> list[str]:
+        actions = []
+        for t in transcripts:
+            graph, node = t.env.graph, t.env.node
+            if rng.random() < p_random:
+                options = graph.lattice_neighbours(node)
+                actions.append(f"go {options[rng.integers(len(options))]}")
+            else:
+                actions.append(f"go {graph.best_move(node)}")
+        return actions
+
+    return act
+
+
+register_env("grid", GridEnv)
+register_task(
+    TaskSpec(
+        name="grid",
+        make_env=GridEnv,
+        behaviour=behaviour_policy,
+        optimal=optimal_policy,
+        data_steps=WALK_STEPS,
+        eval_steps=EVAL_STEPS,
+        worst_return=-float(EVAL_STEPS),
+        anchor=ANCHOR_BEHAVIOUR,
+    )
+)

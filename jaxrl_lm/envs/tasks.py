@@ -1,0 +1,198 @@
+"""Task specs: an env plus its behaviour policy, reference policy, step budgets and normalisation anchors.
+
+Every built-in task registers a :class:`TaskSpec`; :func:`make_dataset` turns one into an offline JSONL dataset
+and the stats that normalise scores on it, :func:`evaluate` runs any policy over the task's evaluation seeds.
+
+Seeds: ``reset(seed)`` picks start / secret number ``seed % num_instances``, so the evaluation seeds
+``0 .. num_instances - 1`` visit every start cell, hidden word or hidden object exactly once and the reference
+policy's mean return over them is exact, not a sample.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from jaxrl_lm.envs.base import Env, Episode, Policy, rollout
+from jaxrl_lm.envs.normalize import TaskStats
+
+# Dataset anchors: the 50 mark is the dataset's mean return, unless the dataset's episodes are not whole
+# evaluation episodes (grid stitching: short truncated walks), where it is the behaviour policy run under the
+# evaluation protocol.
+ANCHOR_DATASET = "dataset"
+ANCHOR_BEHAVIOUR = "behaviour"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything needed to generate data for a task and score policies on it.
+
+    Attributes:
+      name: task name, used in episode ids and ``meta["task"]``.
+      make_env: builds a fresh env.
+      behaviour: ``behaviour(seed)`` builds the data-writing policy, random choices drawn from ``seed``.
+      optimal: builds the scripted reference policy that defines the 100 mark.
+      data_steps: step budget of a dataset episode (truncated past it).
+      eval_steps: step budget of an evaluation episode.
+      worst_return: lowest return possible within ``eval_steps`` (the 0 mark).
+      anchor: ``"dataset"`` or ``"behaviour"``; where the 50 mark comes from (see module constants).
+    """
+
+    name: str
+    make_env: Callable[[], Env]
+    behaviour: Callable[[int], Policy]
+    optimal: Callable[[], Policy]
+    data_steps: int
+    eval_steps: int
+    worst_return: float
+    anchor: str = ANCHOR_DATASET
+
+    @functools.cached_property
+    def num_instances(self) -> int:
+        """Number of distinct starts / secrets (the env's ``num_instances``); evaluation seeds are
+        ``range(num_instances)``. Read lazily so that registering a task loads no data."""
+        return int(self.make_env().num_instances)
+
+    @functools.cached_property
+    def optimal_return(self) -> float:
+        """Mean return of the reference policy over every evaluation seed: exact, computed once per spec."""
+        return mean_return(evaluate(self, self.optimal()))
+
+    def __post_init__(self) -> None:
+        if self.anchor not in (ANCHOR_DATASET, ANCHOR_BEHAVIOUR):
+            raise ValueError(f"TaskSpec {self.name!r}: anchor must be 'dataset' or 'behaviour', got {self.anchor!r}")
+
+
+_TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec, overwrite: bool = False) -> None:
+    """Add a task to the table that :func:`get_task` and ``scripts/make_task_data.py`` read."""
+    if spec.name in _TASKS and not overwrite:
+        raise ValueError(f"register_task: {spec.name!r} is already registered; pass overwrite=True to replace it")
+    _TASKS[spec.name] = spec
+
+
+def get_task(name: str) -> TaskSpec:
+    """The registered task called ``name``."""
+    if name not in _TASKS:
+        raise KeyError(f"unknown task {name!r}; registered: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]
+
+
+def task_names() -> list[str]:
+    """Names of all registered tasks, sorted."""
+    return sorted(_TASKS)
+
+
+def _as_spec(task: str | TaskSpec) -> TaskSpec:
+    return task if isinstance(task, TaskSpec) else get_task(task)
+
+
+def run_policy(
+    task: str | TaskSpec,
+    act: Policy,
+    seeds: list[int],
+    max_steps: int,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> list[Episode]:
+    """Roll ``act`` out on the task for each seed, ``batch_size`` episodes at a time; ids number from 0.
+
+    ``progress(n)``, when given, is called after each batch with the number of episodes it finished.
+    """
+    spec = _as_spec(task)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    envs = [spec.make_env() for _ in range(min(batch_size, len(seeds)))]
+    episodes: list[Episode] = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = list(seeds[start : start + batch_size])
+        episodes += rollout(envs[: len(chunk)], act, chunk, max_steps, spec.name, first_id=start)
+        if progress is not None:
+            progress(len(chunk))
+    return episodes
+
+
+def evaluate(task: str | TaskSpec, act: Policy, repeats: int = 1, batch_size: int = 64) -> list[Episode]:
+    """Episodes of ``act`` from every evaluation seed (``repeats`` times each) under the evaluation budget."""
+    spec = _as_spec(task)
+    seeds = [i + spec.num_instances * r for r in range(repeats) for i in range(spec.num_instances)]
+    return run_policy(spec, act, seeds, spec.eval_steps, batch_size)
+
+
+def mean_return(episodes: list[Episode]) -> float:
+    """Mean of ``meta["return"]`` over episode records."""
+    if not episodes:
+        raise ValueError("mean_return of no episodes")
+    return float(np.mean([episode["meta"]["return"] for episode in episodes]))
+
+
+def optimal_return(task: str | TaskSpec) -> float:
+    """Mean return of the task's reference policy over all evaluation seeds (the 100 mark)."""
+    return _as_spec(task).optimal_return
+
+
+def behaviour_return(task: str | TaskSpec, seed: int, repeats: int = 8) -> float:
+    """Mean return of the behaviour policy under the evaluation protocol, ``repeats`` runs per start."""
+    spec = _as_spec(task)
+    return mean_return(evaluate(spec, spec.behaviour(seed), repeats=repeats))
+
+
+def make_dataset(
+    task: str | TaskSpec,
+    episodes: int,
+    seed: int,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[Episode], dict]:
+    """Offline dataset of ``episodes`` behaviour episodes and its stats (same seed, same data).
+
+    Returns:
+      (episode records, stats) where stats holds the dataset's return summary and, under ``"normalisation"``,
+      the worst / dataset / optimal returns that :func:`jaxrl_lm.envs.normalize.normalize` reads.
+    """
+    spec = _as_spec(task)
+    if episodes < 1:
+        raise ValueError(f"make_dataset: episodes must be >= 1, got {episodes}")
+    rng = np.random.default_rng(seed)
+    env_seeds = rng.integers(0, 2**31 - 1, size=episodes).tolist()
+    policy_seed = int(rng.integers(0, 2**31 - 1))
+    data = run_policy(spec, spec.behaviour(policy_seed), env_seeds, spec.data_steps, batch_size, progress)
+    return data, dataset_stats(spec, data, seed)
+
+
+def dataset_stats(task: str | TaskSpec, episodes: list[Episode], seed: int) -> dict:
+    """Return summary of a dataset plus the normalisation anchors of its task."""
+    spec = _as_spec(task)
+    returns = np.array([episode["meta"]["return"] for episode in episodes], dtype=np.float64)
+    if spec.anchor == ANCHOR_DATASET:
+        reference = float(returns.mean())
+        source = "mean return of the dataset"
+    else:
+        reference = behaviour_return(spec, seed)
+        source = "behaviour policy over every evaluation start, 8 runs each, under the evaluation step budget"
+    anchors = TaskStats(worst=spec.worst_return, dataset=reference, optimal=spec.optimal_return)
+    return {
+        "task": spec.name,
+        "episodes": len(episodes),
+        "seed": seed,
+        "dataset": {
+            "mean_return": float(returns.mean()),
+            "min_return": float(returns.min()),
+            "max_return": float(returns.max()),
+            "done_fraction": float(np.mean([episode["done"] for episode in episodes])),
+            "data_steps": spec.data_steps,
+        },
+        "normalisation": anchors.to_dict(),
+        "normalisation_source": {
+            "worst": f"lowest possible return within {spec.eval_steps} steps",
+            "dataset": source,
+            "optimal": f"reference policy over all {spec.num_instances} evaluation starts",
+        },
+        "eval_steps": spec.eval_steps,
+        "num_instances": spec.num_instances,
+    }
