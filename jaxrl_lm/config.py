@@ -140,6 +140,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     out_dir: str = "runs/default"
+    checkpoint_every: int = 100  # 0 = only at the end (and on SIGTERM)
+    keep_checkpoints: int = 3
+    keep_best_metric: str = ""  # "" = keep only the newest
+    keep_best_mode: Literal["min", "max"] = "min"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +351,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rl.cql_temperature must be positive, got {rl.cql_temperature}")
     if not 0.0 < rl.decision_fraction <= 1.0:
         raise ConfigError(f"rl.decision_fraction must be in (0, 1], got {rl.decision_fraction}")
+    if rl.awr_max_weight <= 0:
+        raise ConfigError(f"rl.awr_max_weight must be positive, got {rl.awr_max_weight}")
     if rl.value_min is not None and rl.value_max is not None and rl.value_min >= rl.value_max:
         raise ConfigError(f"rl.value_min ({rl.value_min}) must be below rl.value_max ({rl.value_max})")
     for key, v in {"rl.lambda_v": rl.lambda_v, "rl.cql_alpha": rl.cql_alpha, "rl.lambda_bc": rl.lambda_bc,

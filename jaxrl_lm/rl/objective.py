@@ -38,7 +38,8 @@ class Heads(NamedTuple):
 
 def decision_capacity(rl: RLConfig, seq_len: int) -> int:
     """Static number of decision slots gathered per batch row of length ``seq_len``."""
-    return max(1, math.ceil(rl.decision_fraction * seq_len))
+    # round() first: 0.07 * 100 is 7.000000000000001 in floating point, which must give 7 slots, not 8.
+    return max(1, math.ceil(round(rl.decision_fraction * seq_len, 6)))
 
 
 def count_decisions(batch: Mapping[str, jnp.ndarray], rl: RLConfig) -> jnp.ndarray:
