@@ -1,0 +1,211 @@
+"""The trunk: embeddings, a stack of blocks applied with ``jax.lax.scan``, the final norm; and the KV cache.
+
+Blocks are created once with ``nnx.vmap`` so every block parameter has a leading ``[n_layers]`` axis (logical
+name ``layers``), and applied by scanning over that axis: compile time does not grow with depth. The scan body
+merges one layer's parameter slice into the block's graph and runs it under ``jax.checkpoint`` with the
+policy ``cfg.remat`` names.
+
+Attribute names follow Hugging Face: ``GPT2Model`` holds ``wte, wpe, h, ln_f``; ``LlamaModel`` holds
+``embed_tokens, layers, norm`` (HF's ``model.*``).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl_lm.config import ModelConfig
+from jaxrl_lm.models.blocks import GPT2Block, LlamaBlock, compute_dtype
+from jaxrl_lm.models.layers import (
+    KV, AttentionInputs, LayerNorm, RMSNorm, attention_mask, dropout, embed, rope_tables,
+)
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class KVCache(NamedTuple):
+    """Decoding state: fixed shapes, plain arrays, so it can live in a jitted ``lax.while_loop`` carry.
+
+    k, v: ``[n_layers, B, max_len, n_kv_heads, head_dim]`` in the compute dtype.
+    segment_ids: ``[B, max_len]`` int32, the segment id written with each slot (0 = padding or unwritten);
+      a query attends only to earlier-or-same slots of its own segment id.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
+    """An empty cache for ``batch_size`` rows of up to ``max_len`` tokens (prompt + generated)."""
+    shape = (cfg.n_layers, batch_size, max_len, cfg.kv_heads, cfg.head_dim)
+    # Separate buffers for k and v, so a jitted decode loop may donate the whole cache.
+    return KVCache(jnp.zeros(shape, compute_dtype(cfg)), jnp.zeros(shape, compute_dtype(cfg)),
+                   jnp.zeros((batch_size, max_len), jnp.int32))
+
+
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """``cfg.n_layers`` independently initialised blocks as one module with a leading ``[n_layers]`` axis."""
+    block_cls = {"gpt2": GPT2Block, "llama": LlamaBlock}[cfg.family]
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(layer_rngs: nnx.Rngs) -> nnx.Module:
+        return block_cls(cfg, layer_rngs)
+
+    return make(rngs)
+
+
+def scan_blocks(blocks: nnx.Module, x: jax.Array, inputs: AttentionInputs, layer_rngs: Optional[jax.Array],
+                kv: Optional[KV], remat: str) -> tuple[jax.Array, Optional[KV]]:
+    """Applies the stacked blocks in order.
+
+    Args:
+      blocks: the stacked block module (every parameter ``[n_layers, ...]``).
+      x: ``[B, T, D]`` float32 residual stream.
+      inputs: attention mask / RoPE / cache offset shared by all layers.
+      layer_rngs: ``[n_layers]`` dropout keys, or None for a deterministic forward.
+      kv: the whole cache's ``(k, v)``, each ``[n_layers, B, S, Nkv, H]``, or None.
+      remat: a ``ModelConfig.remat`` name.
+
+    Returns:
+      ``[B, T, D]`` float32 and the updated ``(k, v)`` (None without a cache).
+    """
+    graphdef, params = nnx.split(blocks)
+
+    def body(x, layer):
+        layer_params, rng, layer_kv = layer
+        return nnx.merge(graphdef, layer_params)(x, inputs, rng, layer_kv)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, x, (params, layer_rngs, kv))
+
+
+class Trunk(nnx.Module):
+    """Shared forward of both families; subclasses provide the embeddings, positions, blocks and final norm.
+
+    (``nnx.Module``'s metaclass derives from ``ABCMeta``, so the hooks below are checked at construction.)
+    """
+
+    cfg: ModelConfig
+
+    @abc.abstractmethod
+    def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """Token (and learned position) embeddings. ``[B, T] int32 x2 -> [B, T, D] float32``."""
+
+    @abc.abstractmethod
+    def rope(self, positions: jax.Array) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
+        """RoPE tables ``[B, T, head_dim]`` float32, or ``(None, None)`` for learned positions."""
+
+    @property
+    @abc.abstractmethod
+    def blocks(self) -> nnx.Module:
+        """The stacked blocks."""
+
+    @property
+    @abc.abstractmethod
+    def final_norm(self) -> nnx.Module:
+        """The norm applied after the last block."""
+
+    @property
+    @abc.abstractmethod
+    def token_embedding(self) -> nnx.Embed:
+        """The ``[Vp, D]`` token table, also the LM head when embeddings are tied."""
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
+                 dropout_rng: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+                 cache_index: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[KVCache]]:
+        """Hidden states after the final norm.
+
+        Args:
+          tokens, positions, segment_ids: ``[B, T]`` int32.
+          dropout_rng: a PRNG key enabling dropout, or None (deterministic).
+          cache: a ``KVCache`` to read and write at ``cache_index`` (int32 scalar), or None to attend only
+            among these ``T`` tokens.
+
+        Returns:
+          ``[B, T, D]`` float32 and the updated cache (None without one).
+        """
+        cfg = self.cfg
+        rng_embed = layer_rngs = None
+        if dropout_rng is not None and cfg.dropout > 0:
+            rng_embed, rng_layers = jax.random.split(dropout_rng)
+            layer_rngs = jax.random.split(rng_layers, cfg.n_layers)
+        x = dropout(self.embed(tokens, positions), cfg.dropout, rng_embed)
+        cos, sin = self.rope(positions)
+        if cache is None:
+            inputs = AttentionInputs(attention_mask(segment_ids, segment_ids, 0), cos, sin)
+            x, _ = scan_blocks(self.blocks, x, inputs, layer_rngs, None, cfg.remat)
+            return self.final_norm(x), None
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache_index))
+        inputs = AttentionInputs(attention_mask(segment_ids, kv_segment_ids, cache_index), cos, sin, cache_index)
+        x, (k, v) = scan_blocks(self.blocks, x, inputs, layer_rngs, (cache.k, cache.v), cfg.remat)
+        return self.final_norm(x), KVCache(k, v, kv_segment_ids)
+
+
+class GPT2Model(Trunk):
+    """GPT-2 trunk: ``wte [Vp, D]``, ``wpe [max_seq_len, D]``, ``h`` (stacked ``GPT2Block``), ``ln_f``."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.wte = embed(rngs, cfg.padded_vocab_size, cfg.d_model, ("vocab", "embed"), std=cfg.init_std)
+        self.wpe = embed(rngs, cfg.max_seq_len, cfg.d_model, (None, "embed"), std=cfg.init_std)
+        self.h = stacked_blocks(cfg, rngs)
+        self.ln_f = LayerNorm(cfg.d_model, cfg.norm_eps)
+
+    def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        # Positions must be < max_seq_len: out-of-range gathers clamp silently in JAX.
+        return self.wte(tokens) + self.wpe(positions)
+
+    def rope(self, positions: jax.Array) -> tuple[None, None]:
+        return None, None
+
+    @property
+    def blocks(self) -> nnx.Module:
+        return self.h
+
+    @property
+    def final_norm(self) -> nnx.Module:
+        return self.ln_f
+
+    @property
+    def token_embedding(self) -> nnx.Embed:
+        return self.wte
+
+
+class LlamaModel(Trunk):
+    """Llama trunk: ``embed_tokens [Vp, D]``, ``layers`` (stacked ``LlamaBlock``), ``norm``; RoPE positions."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = embed(rngs, cfg.padded_vocab_size, cfg.d_model, ("vocab", "embed"), std=cfg.init_std)
+        self.layers = stacked_blocks(cfg, rngs)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        return self.embed_tokens(tokens)
+
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+
+    @property
+    def blocks(self) -> nnx.Module:
+        return self.layers
+
+    @property
+    def final_norm(self) -> nnx.Module:
+        return self.norm
+
+    @property
+    def token_embedding(self) -> nnx.Embed:
+        return self.embed_tokens

@@ -1,0 +1,140 @@
+"""make_update: one jitted, pure ``update(state, batch) -> (state, metrics)`` doing a whole optimizer step.
+
+Inside: micro-batches (``optim.grad_accum``) scanned with gradients summed, each micro-batch's loss normalised
+by the decision count of the *whole* batch, so accumulation gives exactly the gradient of the full batch; the
+optimizer step; the target EMA (once, after the optimizer step); and a non-finite guard that leaves the state
+untouched (but counts the batch as consumed and the update as skipped) when the loss or any gradient is NaN/Inf.
+The state is donated: the caller must use the returned state, never the one it passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxrl_lm.batch import segment_positions
+from jaxrl_lm.config import Config
+from jaxrl_lm.rl import Heads, bellman_objective, count_decisions
+from jaxrl_lm.train.state import Params, TrainState, make_optimizer
+
+# Metrics that are parts of the loss (already normalised by the whole batch) add up over micro-batches; counts
+# add up too; every other metric is a per-micro-batch average and is averaged.
+_SUMMED = ("loss", "q_loss", "v_loss", "cql_loss", "bc_loss", "decisions", "decisions_dropped")
+
+
+def loss_fn(
+    cfg: Config,
+    graphdef: nnx.GraphDef,
+    params: Params,
+    target_params: Params,
+    batch: Mapping[str, jnp.ndarray],
+    denominator: jnp.ndarray,
+    dropout_rng: jnp.ndarray | None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """The objective of one (micro-)batch for online ``params``; gradients never reach ``target_params``."""
+    model = nnx.merge(graphdef, params)
+    target_model = nnx.merge(graphdef, {**params, **jax.lax.stop_gradient(target_params)})
+    positions = segment_positions(batch["segment_ids"])
+    hidden = model.hidden(batch["tokens"], positions, batch["segment_ids"], dropout_rng=dropout_rng)
+    if cfg.rl.target_scope == "full":  # target forwards are deterministic: no dropout
+        target_hidden = target_model.hidden(batch["tokens"], positions, batch["segment_ids"])
+    else:
+        target_hidden = hidden
+    heads = Heads(
+        q_logits=model.q_logits,
+        q_at=model.q_at,
+        value=model.value,
+        lm_logits=model.lm_logits,
+        target_q_logits=target_model.q_logits,
+        target_q_at=target_model.q_at,
+    )
+    return bellman_objective(
+        cfg.rl, batch, hidden, target_hidden, heads, vocab_size=cfg.model.vocab_size, denominator=denominator
+    )
+
+
+def ema(target: Params, online: Params, eta: float) -> Params:
+    """theta_bar <- theta_bar + eta * (theta - theta_bar), leaf by leaf."""
+    return jax.tree.map(lambda t, p: t + eta * (p - t), target, online)
+
+
+def _split_micro(batch: Mapping[str, jnp.ndarray], n: int) -> dict[str, jnp.ndarray]:
+    """``[B, L]`` fields -> ``[n, B / n, L]``, micro-batch major."""
+    return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()}
+
+
+def _all_finite(tree: Any) -> jnp.ndarray:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def build_update_fn(cfg: Config, graphdef: nnx.GraphDef) -> Callable[[TrainState, Mapping[str, jnp.ndarray]],
+                                                                     tuple[TrainState, dict[str, jnp.ndarray]]]:
+    """The un-jitted update (for ``jax.vmap`` over seeds, AOT lowering, or custom jit options)."""
+    tx = make_optimizer(cfg)
+    n_micro = cfg.optim.grad_accum
+    eta = cfg.rl.target_ema
+    use_dropout = cfg.model.dropout > 0
+    grad_fn = jax.value_and_grad(
+        lambda p, t, b, d, r: loss_fn(cfg, graphdef, p, t, b, d, r), has_aux=True
+    )
+
+    def update(state: TrainState, batch: Mapping[str, jnp.ndarray]) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+        denominator = count_decisions(batch, cfg.rl)
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+        micro_rngs = jax.random.split(step_rng, n_micro)
+
+        def micro_step(grads, inputs):
+            micro, micro_rng = inputs
+            (_, metrics), g = grad_fn(state.params, state.target_params, micro, denominator,
+                                      micro_rng if use_dropout else None)
+            return jax.tree.map(jnp.add, grads, g), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, micro_metrics = jax.lax.scan(micro_step, zeros, (_split_micro(batch, n_micro), micro_rngs))
+        metrics = {k: (jnp.sum(v) if k in _SUMMED else jnp.mean(v)) for k, v in micro_metrics.items()}
+
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_target = {k: ema(state.target_params[k], new_params[k], eta) for k in state.target_params}
+
+        ok = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        new_state = TrainState(
+            params=keep(new_params, state.params),
+            target_params=keep(new_target, state.target_params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            step=state.step + 1,
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+            rng=jax.random.key_data(rng),
+        )
+        metrics.update(
+            grad_norm=optax.tree.norm(grads),
+            tokens=jnp.sum(batch["segment_ids"] != 0, dtype=jnp.float32),
+            skipped=new_state.skipped.astype(jnp.float32),
+            update_applied=ok.astype(jnp.float32),
+        )
+        return new_state, metrics
+
+    return update
+
+
+def make_update(cfg: Config, graphdef: nnx.GraphDef, *, state_sharding: Any = None, batch_sharding: Any = None):
+    """``jax.jit`` of ``build_update_fn`` with the state donated (and explicit shardings when given).
+
+    Example::
+
+        model = jaxrl_lm.models.build(cfg.model)
+        graphdef, params = jaxrl_lm.train.split_model(model)
+        state = jaxrl_lm.train.init_state(cfg, params)
+        update = jaxrl_lm.train.make_update(cfg, graphdef)
+        state, metrics = update(state, batch)   # batch: dict of [B, L] arrays (jaxrl_lm.batch)
+    """
+    fn = build_update_fn(cfg, graphdef)
+    if state_sharding is None and batch_sharding is None:
+        return jax.jit(fn, donate_argnums=0)
+    return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, None))
