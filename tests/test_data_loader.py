@@ -175,7 +175,9 @@ def test_layout_and_path_errors(tmp_path):
     with pytest.raises(ValueError, match="divisible by the process count"):
         make_loader(DataConfig(batch_size=4), tokenizer=TOK, episodes=EPISODES, process_count=3)
     with pytest.raises(ValueError, match="data.path is empty"):
-        make_loader(DataConfig(), tokenizer=TOK)
+        make_loader(DataConfig(path=""), tokenizer=TOK)
+    with pytest.raises(ValueError, match="unknown built-in task 'nope'"):
+        make_loader(DataConfig(path="task:nope"), tokenizer=TOK)
     with pytest.raises(FileNotFoundError, match="data.path"):
         make_loader(DataConfig(path=str(tmp_path / "nope.jsonl")), tokenizer=TOK)
     assert set(TOKEN_FIELDS) | {"segment_ids"} == set(BATCH_FIELDS)

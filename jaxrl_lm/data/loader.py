@@ -121,18 +121,36 @@ def _check_built(meta: Mapping[str, Any], cfg: DataConfig, tokenizer: Tokenizer,
                              f"rebuild it with scripts/make_dataset.py or change {key}")
 
 
+TASK_PREFIX = "task:"
+
+
+def task_episodes(cfg: DataConfig) -> list[dict]:
+    """A built-in task's offline dataset for ``data.path: task:NAME`` (``task_episodes`` episodes, ``seed``)."""
+    from jaxrl_lm import envs  # imported here: the environments are only needed for built-in data
+
+    name = cfg.path[len(TASK_PREFIX):]
+    if name not in envs.task_names():
+        raise ValueError(f"data.path: unknown built-in task {name!r}; known: {envs.task_names()}")
+    episodes, _ = envs.make_dataset(name, episodes=cfg.task_episodes, seed=cfg.seed)
+    return episodes
+
+
 def load_source(cfg: DataConfig, tokenizer: Tokenizer,
                 episodes: Iterable[Mapping | Episode] | None = None) -> tuple[Any, dict[str, Any]]:
     """``(records, summary)``: a random-access sequence of token-array episodes and the dataset figures.
 
     ``episodes`` (dicts or ``Episode``) take the place of ``cfg.path``; a file path is read as JSONL; a
-    directory is a built TFDS dataset, checked against ``cfg`` and ``tokenizer``.
+    directory is a built TFDS dataset, checked against ``cfg`` and ``tokenizer``; ``task:NAME`` generates a
+    built-in task's offline dataset in memory.
     """
     if episodes is not None:
         source, stats = _tokenized_source(memory_records(episodes), cfg, tokenizer)
         where = "the given episodes"
     elif not cfg.path:
-        raise ValueError("data.path is empty (the built-in demo task): pass its episodes to make_loader(episodes=...)")
+        raise ValueError("data.path is empty: give a JSONL file, a built dataset directory or task:NAME")
+    elif cfg.path.startswith(TASK_PREFIX):
+        source, stats = _tokenized_source(memory_records(task_episodes(cfg)), cfg, tokenizer)
+        where = cfg.path
     elif Path(cfg.path).is_dir():
         source, meta = open_dataset(cfg.path)
         _check_built(meta, cfg, tokenizer, cfg.path)
