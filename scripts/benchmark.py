@@ -1,0 +1,195 @@
+"""Speed and memory of the update (and the data loader): one JSON line per configuration.
+
+    python scripts/benchmark.py                      # every preset below
+    python scripts/benchmark.py --only gpt2_small    # presets whose name starts with this
+
+Each preset runs in its own subprocess, so ``peak_rss_gb`` is that configuration's own peak. Fields:
+compile_s (lower + compile), step_s (median over timed steps after warm-up), tokens_per_s (batch tokens /
+step_s), model_flops_per_token (jaxrl_lm.train.flops: trunk, every head, the target forward), mfu (achieved
+model FLOP/s over the float32 matmul peak measured in the same process), matmul_peak_gflops, compiled memory
+analysis (arguments, outputs, temporaries, in GB) and the process's peak RSS.
+
+The ``loader`` line times the data pipeline on the demo config (grid-stitching episodes, packed rows, byte
+tokenizer): ``tokens_per_s`` counts delivered positions, ``real_tokens_per_s`` non-padding ones.
+
+The batch is dialogue-shaped: each row alternates observation and agent turns of ``--turn-len`` tokens, so
+``--action-fraction`` of the tokens are agent tokens; ``rl.decision_fraction`` is set to just cover them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+LOADER_PRESET = "loader"
+PRESETS: dict[str, dict] = {
+    # name: config file, overrides, batch, seq_len
+    LOADER_PRESET: dict(config="configs/demo.yaml", overrides=[], batch=16, seq_len=128),
+    "tiny": dict(config="configs/models/tiny.yaml", overrides=[], batch=8, seq_len=128),
+    "gpt2_small_heads_k2": dict(config="configs/models/gpt2_small.yaml", overrides=[], batch=4, seq_len=256),
+    "gpt2_small_heads_k1": dict(config="configs/models/gpt2_small.yaml", overrides=["model.n_q_heads=1"],
+                                batch=4, seq_len=256),
+    "gpt2_small_full_k2": dict(config="configs/models/gpt2_small.yaml", overrides=["rl.target_scope=full"],
+                               batch=4, seq_len=256),
+}
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Best float32 matmul rate JAX reaches here, in GFLOP/s (the MFU denominator)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def dialogue_batch(batch: int, seq_len: int, vocab: int, turn_len: int, action_fraction: float, seed: int = 0):
+    """Rows of alternating observation / agent turns; one episode per row, truncated (done = 0)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    act_len = max(1, round(turn_len * action_fraction / (1 - action_fraction))) if action_fraction < 1 else seq_len
+    obs_len = turn_len if action_fraction < 1 else 0
+    pattern, turns, t = [], [], 0
+    while len(pattern) < seq_len:
+        pattern += [0] * obs_len + [1] * act_len
+        turns += [t] * obs_len + [t + 1] * act_len
+        t += 2
+    action_mask = np.tile(np.array(pattern[:seq_len], np.int32), (batch, 1))
+    action_mask[:, 0] = 0
+    reward = np.where(action_mask == 1, rng.normal(size=(batch, seq_len)), 0).astype(np.float32)
+    return {
+        "tokens": rng.integers(0, vocab, (batch, seq_len), dtype=np.int32),
+        "action_mask": action_mask,
+        "reward": reward,
+        "done": np.zeros((batch, seq_len), np.int32),
+        "segment_ids": np.ones((batch, seq_len), np.int32),
+        "turn_ids": np.tile(np.array(turns[:seq_len], np.int32), (batch, 1)),
+    }
+
+
+def run_loader(args: argparse.Namespace) -> dict:
+    import jaxrl_lm
+    from jaxrl_lm import data
+
+    p = PRESETS[LOADER_PRESET]
+    cfg = jaxrl_lm.load_config(p["config"], p["overrides"] + args.override)
+    loader = data.make_loader(cfg.data, tokenizer=data.load_tokenizer(cfg.data.tokenizer))
+    try:
+        figures = data.loader_throughput(loader, num_batches=200)
+    finally:
+        loader.close()
+    return {"config": LOADER_PRESET, "data": cfg.data.path, "batch": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
+            **{k: round(v, 3) for k, v in figures.items()},
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
+
+
+def run_preset(name: str, args: argparse.Namespace) -> dict:
+    import jax
+    import numpy as np
+
+    import jaxrl_lm
+    from jaxrl_lm.rl import transitions
+    from jaxrl_lm.train.flops import update_flops
+
+    p = PRESETS[name]
+    batch_np = dialogue_batch(p["batch"], p["seq_len"], 50257 if "gpt2" in name else 256, args.turn_len,
+                              args.action_fraction)
+    decisions_per_row = int(np.asarray(transitions(batch_np, gamma=0.99, time_step="token").decision).sum(1).max())
+    fraction = min(1.0, decisions_per_row / p["seq_len"])
+    cfg = jaxrl_lm.load_config(p["config"], p["overrides"] + args.override + [
+        f"data.batch_size={p['batch']}", f"data.seq_len={p['seq_len']}", f"rl.decision_fraction={fraction}"])
+    peak = matmul_peak_gflops()
+
+    model = jaxrl_lm.models.build(cfg.model, seed=0)
+    graphdef, params = jaxrl_lm.train.split_model(model)
+    state = jaxrl_lm.train.init_state(cfg, params)
+    update = jaxrl_lm.train.make_update(cfg, graphdef)
+    batch = jax.device_put(batch_np)
+
+    t0 = time.perf_counter()
+    compiled = update.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    flops = update_flops(cfg, p["batch"], p["seq_len"])
+    tokens = p["batch"] * p["seq_len"]
+    gb = 1024**3
+    return {
+        "config": name,
+        "device": jax.devices()[0].device_kind,
+        "n_devices": jax.device_count(),
+        "dtype": cfg.model.dtype,
+        "batch": p["batch"],
+        "seq_len": p["seq_len"],
+        "n_q_heads": cfg.model.n_q_heads,
+        "target_scope": cfg.rl.target_scope,
+        "backup": cfg.rl.backup,
+        "decision_fraction": round(fraction, 4),
+        "compile_s": round(compile_s, 2),
+        "step_s": round(step_s, 4),
+        "tokens_per_s": round(tokens / step_s, 1),
+        "model_flops_per_token": round(flops.per_token),
+        "model_gflops_per_step": round(flops.total / 1e9, 2),
+        "achieved_gflops": round(flops.total / step_s / 1e9, 1),
+        "matmul_peak_gflops": round(peak, 1),
+        "mfu": round(flops.total / step_s / (peak * 1e9), 3),
+        "mem_argument_gb": round(mem.argument_size_in_bytes / gb, 3),
+        "mem_output_gb": round(mem.output_size_in_bytes / gb, 3),
+        "mem_temp_gb": round(mem.temp_size_in_bytes / gb, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
+        "loss": float(metrics["loss"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="run the presets whose name starts with this")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--turn-len", type=int, default=16, help="tokens per observation turn")
+    ap.add_argument("--action-fraction", type=float, default=0.5, help="fraction of tokens that are agent tokens")
+    ap.add_argument("--override", action="append", default=[], help="extra config override, e.g. rl.backup=max")
+    ap.add_argument("--preset", help=argparse.SUPPRESS)  # internal: run one preset in this process
+    args = ap.parse_args(argv)
+    if args.preset:
+        run = run_loader if args.preset == LOADER_PRESET else lambda a: run_preset(args.preset, a)
+        print(json.dumps(run(args)), flush=True)
+        return
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    for name in PRESETS:
+        if not name.startswith(args.only):
+            continue
+        proc = subprocess.run([sys.executable, __file__, "--preset", name] + passthrough,
+                              capture_output=True, text=True, env=dict(os.environ))
+        if proc.returncode != 0:
+            print(json.dumps({"config": name, "error": proc.stderr.strip().splitlines()[-1:]}), flush=True)
+            continue
+        print(proc.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
