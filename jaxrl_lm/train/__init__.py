@@ -1,4 +1,6 @@
-"""Training orchestration: TrainState, the jitted update, the loop."""
+"""Training orchestration: TrainState, the jitted update, checkpoints, the loop."""
+
+from jaxrl_lm.train import checkpoint
 
 from jaxrl_lm.train.state import TrainState, init_state, make_optimizer, split_model, target_keys
 from jaxrl_lm.train.update import build_update_fn, ema, make_update

@@ -1,0 +1,276 @@
+"""Checkpoints: Orbax CheckpointManager directories that hold everything a run needs to continue exactly.
+
+A checkpoint of step ``s`` is the directory ``<train.out_dir>/checkpoints/<s>/`` with three items:
+
+    state/    the TrainState after ``s`` optimizer steps (params, target params, float32 optax state, step,
+              skipped, rng key data), written by ``StandardSave`` (array-by-array, any sharding)
+    data/     ``Loader.get_state()`` after ``s`` batches (JSON)
+    config/   the resolved config (JSON), checked against the resuming run's config
+
+Saves are asynchronous: ``save`` returns once the arrays are copied off the devices, and files are written in a
+background thread. Orbax writes into ``<s>.orbax-checkpoint-tmp`` and renames it to ``<s>`` only when every
+item is written, so a crash mid-write leaves a tmp directory that is never listed as a step (the next run's
+manager deletes it before its first save).
+
+    manager = make_manager(checkpoint_dir(cfg), cfg.train)
+    save(manager, step, state, loader_state=loader.get_state(), cfg=cfg, metrics={"loss": 0.3})
+    ...
+    restored = restore(checkpoint_dir(cfg), abstract_state(cfg, sharding))  # newest complete step
+    state, loader_state = restored.state, restored.loader_state
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
+
+from jaxrl_lm import models
+from jaxrl_lm.config import Config, ConfigError, TrainConfig, replace
+from jaxrl_lm.train.state import TrainState, init_state, split_model
+
+CHECKPOINT_SUBDIR = "checkpoints"
+ITEMS = ("state", "data", "config")
+
+# Config keys a checkpoint's arrays and meaning depend on: a resume must not change them. A key ending in "."
+# covers its whole section. Everything else (train.steps, optim.learning_rate, logging) may change on resume.
+RESUME_KEYS = ("model.", "rl.", "data.seq_len", "data.batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A restored checkpoint: ``state`` on the requested shardings, the loader position and the saved config."""
+
+    step: int
+    state: TrainState
+    loader_state: dict[str, Any]
+    config: dict[str, Any]
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    """``<train.out_dir>/checkpoints``, absolute (Orbax requires absolute paths)."""
+    return (Path(cfg.train.out_dir) / CHECKPOINT_SUBDIR).absolute()
+
+
+def check_options(t: TrainConfig) -> None:
+    """Validates the ``train.*`` checkpoint keys; each error names the key."""
+    if t.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every must be >= 0 (0 = only at the end), got {t.checkpoint_every}")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints must be at least 1, got {t.keep_checkpoints}")
+
+
+def _preservation(t: TrainConfig) -> preservation.PreservationPolicy:
+    latest = preservation.LatestN(n=t.keep_checkpoints)
+    if not t.keep_best_metric:
+        return latest
+    # BestN sorts ascending (descending with reverse) and keeps the tail: reverse=True keeps the lowest value.
+    best = preservation.BestN(get_metric_fn=_metric_fn(t.keep_best_metric), reverse=t.keep_best_mode == "min",
+                              n=1, keep_checkpoints_without_metrics=False)
+    return preservation.AnyPreservationPolicy([latest, best])
+
+
+def _metric_fn(name: str):
+    return lambda metrics: metrics[name]
+
+
+def make_manager(directory: str | Path, t: TrainConfig) -> ocp.CheckpointManager:
+    """An asynchronous manager that keeps the newest ``t.keep_checkpoints`` steps (plus the best by
+    ``t.keep_best_metric``).
+
+    Opening it starts deleting tmp directories that a crashed save left behind (its first save waits for that).
+    ``manager.close()`` waits for a pending save.
+    """
+    check_options(t)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=_preservation(t),
+        # best_fn is what makes Orbax store each step's metrics (which the preservation policy ranks).
+        best_fn=_metric_fn(t.keep_best_metric) if t.keep_best_metric else None,
+        best_mode=t.keep_best_mode,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=True,
+        create=True,
+    )
+    return ocp.CheckpointManager(Path(directory).absolute(), item_names=ITEMS, options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, loader_state: Mapping[str, Any],
+         cfg: Config, metrics: Mapping[str, float] | None = None) -> None:
+    """Starts an asynchronous save of ``state`` as step ``step``; returns once the arrays are off the devices.
+
+    ``step`` is the host's count (``state.step`` may live on devices of other hosts). ``metrics`` (host
+    floats) rank checkpoints when ``train.keep_best_metric`` is set, which must name one of them. The state may
+    be donated to the next update right after this returns.
+    """
+    name = cfg.train.keep_best_metric
+    if name and (metrics is None or name not in metrics):
+        raise ConfigError(f"train.keep_best_metric: {name!r} is not a metric of this step; "
+                          f"known: {sorted(metrics or {})}")
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(dict(loader_state)),
+            config=ocp.args.JsonSave(cfg.to_dict()),
+        ),
+        metrics=dict(metrics) if metrics is not None else None,
+        force=True,  # the loop decides when to save; Orbax's own interval policy is not used
+    )
+
+
+def _reader(directory: str | Path) -> ocp.CheckpointManager:
+    path = Path(directory).absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    return ocp.CheckpointManager(path, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def complete_steps(directory: str | Path) -> list[int]:
+    """Steps with a finished checkpoint under ``directory``, ascending (tmp directories are not steps)."""
+    if not Path(directory).is_dir():
+        return []
+    with _reader(directory) as reader:
+        return sorted(reader.all_steps())
+
+
+def latest_step(directory: str | Path) -> int | None:
+    """The newest complete step under ``directory``; None when there is none (or no directory)."""
+    steps = complete_steps(directory)
+    return steps[-1] if steps else None
+
+
+def abstract_state(cfg: Config, sharding: jax.sharding.Sharding | Any) -> TrainState:
+    """The TrainState of ``cfg`` as ``jax.ShapeDtypeStruct`` leaves (no memory is allocated) on ``sharding``.
+
+    ``sharding`` is one ``jax.sharding.Sharding`` for every leaf (e.g. ``SingleDeviceSharding`` or a replicated
+    ``NamedSharding(mesh, P())``) or a TrainState-shaped pytree of shardings (one per leaf).
+    """
+    build = lambda: init_state(cfg, split_model(models.build(cfg.model, seed=cfg.train.seed))[1])  # noqa: E731
+    shapes = jax.eval_shape(build)
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)
+
+
+def config_from_dict(saved: Mapping[str, Any]) -> Config:
+    """A Config from a checkpoint's saved config dict (keys added since then take their defaults)."""
+    return replace(Config(), **{f"{section}__{k}": v for section, fields in saved.items() for k, v in fields.items()})
+
+
+def _existing_step(reader: ocp.CheckpointManager, step: int | None) -> int:
+    """``step`` if it is complete in ``reader``'s directory, or the newest complete step when None."""
+    steps = sorted(reader.all_steps())
+    if step is None and steps:
+        return steps[-1]
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {reader.directory}")
+    if step not in steps:
+        raise FileNotFoundError(f"no complete checkpoint of step {step} in {reader.directory}; complete: {steps}")
+    return step
+
+
+def _config_of(reader: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    return reader.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def read_config(directory: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The resolved config dict saved with step ``step`` (default: the newest complete one)."""
+    with _reader(directory) as reader:
+        return _config_of(reader, _existing_step(reader, step))
+
+
+def restore(directory: str | Path, target: TrainState | jax.sharding.Sharding, step: int | None = None) -> Restored:
+    """Restores step ``step`` (default: the newest complete one) from a checkpoint directory.
+
+    Args:
+      directory: ``<train.out_dir>/checkpoints`` of a run.
+      target: where the arrays go. Either an abstract TrainState whose leaves are ``jax.ShapeDtypeStruct`` with
+        a ``.sharding`` (``abstract_state(cfg, shardings)``; any mesh or device count, not necessarily the one
+        that saved) or one ``jax.sharding.Sharding`` for every leaf, the structure then coming from the
+        checkpoint's own config.
+      step: a complete step; None = the newest.
+    Returns:
+      ``Restored``: state (float32 params and optimizer moments, int32 step/skipped, uint32 rng key data),
+      the loader state and the saved config dict.
+    """
+    with _reader(directory) as reader:
+        step = _existing_step(reader, step)
+        saved_config = _config_of(reader, step)
+        if isinstance(target, jax.sharding.Sharding):
+            target = abstract_state(config_from_dict(saved_config), target)
+        items = reader.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    return Restored(step=step, state=items.state, loader_state=items.data, config=saved_config)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(saved: Mapping[str, Any], cfg: Config, where: str | Path) -> None:
+    """Refuses to resume when a key in ``RESUME_KEYS`` differs between the checkpoint and ``cfg``.
+
+    The error lists every such key with both values; ``train.steps`` and other keys may change.
+    """
+    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    watched = sorted(k for k in old.keys() | new.keys()
+                     if any(k.startswith(p) if p.endswith(".") else k == p for p in RESUME_KEYS))
+    diffs = [f"{k}: checkpoint {old.get(k, '<absent>')!r}, config {new.get(k, '<absent>')!r}"
+             for k in watched if old.get(k) != new.get(k)]
+    if diffs:
+        listed = "\n  ".join(diffs)
+        raise ConfigError(f"cannot resume from {where}: the config differs on keys that change the state's shapes "
+                          f"or meaning:\n  {listed}\nuse the checkpoint's values (its config is saved beside it) "
+                          f"or start a new run in another train.out_dir")
+
+
+class PreemptionNotice:
+    """Turns a preemption notice (SIGTERM) into a save at the next step boundary.
+
+    Single process: a SIGTERM handler sets a flag (installed only in the main thread; ``uninstall`` puts the
+    previous handler back). Several processes: JAX's preemption sync manager (started by
+    ``jax.distributed.initialize``) catches the signal and makes every process agree on the same step, so all of
+    them take part in the same save.
+
+        notice = PreemptionNotice().install()
+        for step in ...:
+            if notice.reached(step): save; break
+        notice.uninstall()
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+        self._installed = False
+
+    def install(self) -> "PreemptionNotice":
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def uninstall(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        """True once a notice arrived (every process must call this at every step when there are several)."""
+        if jax.process_count() > 1:
+            self.received = self.received or ocp.multihost.reached_preemption(step)
+        return self.received
