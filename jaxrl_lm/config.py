@@ -18,7 +18,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -127,11 +127,35 @@ class DataConfig:
     num_epochs: int = 0  # passes over the episodes; 0 = repeat forever
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# [logical axis, mesh axis | [mesh axes] | None]; see configs/base.yaml (mesh.rules) for how they are applied.
+ShardingRule = tuple[str, Optional[Union[str, tuple[str, ...]]]]
+DEFAULT_SHARDING_RULES: tuple[ShardingRule, ...] = (
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("qkv", "tensor"),
+    ("mlp", "tensor"),
+    ("mlp", "fsdp"),
+    ("embed", "fsdp"),
+    ("layers", None),
+    ("q_heads", None),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = -1  # -1 = every device not used by the other axes
     fsdp: int = 1
     tensor: int = 1
+    num_slices: int = 1  # > 1: a hybrid mesh whose data axis spans slices (the slow interconnect)
+    rules: tuple[ShardingRule, ...] = DEFAULT_SHARDING_RULES
+    max_replicated_fraction: float = 0.02
+    distributed: Literal["auto", "on", "off"] = "auto"
+    coordinator_address: str = ""  # "" = $JAX_COORDINATOR_ADDRESS or the cluster's own
+    num_processes: int = 0  # 0 = $JAX_NUM_PROCESSES or the cluster's own
+    process_id: int = -1  # -1 = $JAX_PROCESS_ID or the cluster's own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +195,16 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_value(key, inner[0], value, where)
+        for member in inner:
+            try:
+                return _check_value(key, member, value, where)
+            except ConfigError:
+                if len(inner) == 1:
+                    raise
+        names = " or ".join(_describe(a) for a in args)
+        raise ConfigError(f"{key}: expected {names}, got {value!r}{where}")
+    if origin is tuple:
+        return _check_tuple(key, typing.get_args(tp), value, where)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -194,6 +227,30 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}{where}")
         return value
     raise ConfigError(f"{key}: unsupported field type {tp}")  # a programming error in this file
+
+
+def _check_tuple(key: str, args: tuple, value: Any, where: str) -> tuple:
+    """A YAML list as a tuple: ``tuple[X, ...]`` (any length) or ``tuple[X, Y]`` (exactly these items)."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {value!r}{where}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        args = (args[0],) * len(value)
+    elif len(value) != len(args):
+        raise ConfigError(f"{key}: expected a list of {len(args)} items, got {value!r}{where}")
+    return tuple(_check_value(f"{key}[{i}]", t, v, where) for i, (t, v) in enumerate(zip(args, value)))
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", type(None): "null"}
+
+
+def _describe(tp: Any) -> str:
+    """A field type in the words of the error messages: ``tuple[str, ...]`` -> ``a list of a string``."""
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list, each item {_describe(args[0])}"
+        return f"a list [{', '.join(_describe(a) for a in args)}]"
+    return _TYPE_NAMES.get(tp, str(tp))
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str, sources: dict[str, str]) -> Any:
@@ -362,6 +419,37 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be non-negative, got {v}")
     if d.batch_size % o.grad_accum:
         raise ConfigError(f"data.batch_size ({d.batch_size}) must be divisible by optim.grad_accum ({o.grad_accum})")
+    if cfg.train.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every must be >= 0 (0 = only at the end), got {cfg.train.checkpoint_every}")
+    if cfg.train.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints must be at least 1, got {cfg.train.keep_checkpoints}")
+    validate_mesh(cfg.mesh)
+
+
+def validate_mesh(mesh: MeshConfig) -> None:
+    """Axis sizes, the sharding rule table and the process fields; each error names the key."""
+    if mesh.data != -1 and mesh.data < 1:
+        raise ConfigError(f"mesh.data must be positive or -1 (every remaining device), got {mesh.data}")
+    for key, v in {"mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor, "mesh.num_slices": mesh.num_slices}.items():
+        if v < 1:
+            raise ConfigError(f"{key} must be positive, got {v}")
+    if mesh.data != -1 and mesh.data % mesh.num_slices:
+        raise ConfigError(f"mesh.data ({mesh.data}) must be divisible by mesh.num_slices ({mesh.num_slices}): "
+                          f"the data axis is the one that spans slices")
+    if not 0.0 <= mesh.max_replicated_fraction <= 1.0:
+        raise ConfigError(f"mesh.max_replicated_fraction must be in [0, 1], got {mesh.max_replicated_fraction}")
+    for i, (logical, axes) in enumerate(mesh.rules):
+        named = (axes,) if isinstance(axes, str) else axes or ()
+        unknown = [a for a in named if a not in MESH_AXES]
+        if not logical or unknown or len(set(named)) != len(named):
+            raise ConfigError(f"mesh.rules[{i}]: {[logical, axes]!r} must be [logical axis, mesh axis | "
+                              f"[distinct mesh axes] | null] with mesh axes from {list(MESH_AXES)}")
+    if mesh.num_processes < 0 or mesh.process_id < -1:
+        raise ConfigError(f"mesh.num_processes ({mesh.num_processes}) must be >= 0 (0 = from the environment) and "
+                          f"mesh.process_id ({mesh.process_id}) >= -1 (-1 = from the environment)")
+    if mesh.num_processes and mesh.process_id >= mesh.num_processes:
+        raise ConfigError(f"mesh.process_id ({mesh.process_id}) must be below mesh.num_processes "
+                          f"({mesh.num_processes})")
 
 
 def to_yaml(cfg: Config) -> str:

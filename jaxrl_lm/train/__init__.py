@@ -6,6 +6,6 @@ from jaxrl_lm.train.state import TrainState, init_state, make_optimizer, split_m
 from jaxrl_lm.train.update import build_update_fn, ema, make_update
 
 __all__ = [
-    "TrainState", "build_update_fn", "ema", "init_state", "make_optimizer", "make_update", "split_model",
+    "TrainState", "checkpoint", "build_update_fn", "ema", "init_state", "make_optimizer", "make_update", "split_model",
     "target_keys",
 ]

@@ -31,9 +31,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from jaxrl_lm import models
 from jaxrl_lm.config import Config, ConfigError, TrainConfig, replace
-from jaxrl_lm.train.state import TrainState, init_state, split_model
+from jaxrl_lm.train.state import TrainState, abstract_train_state
 
 CHECKPOINT_SUBDIR = "checkpoints"
 ITEMS = ("state", "data", "config")
@@ -58,14 +57,6 @@ def checkpoint_dir(cfg: Config) -> Path:
     return (Path(cfg.train.out_dir) / CHECKPOINT_SUBDIR).absolute()
 
 
-def check_options(t: TrainConfig) -> None:
-    """Validates the ``train.*`` checkpoint keys; each error names the key."""
-    if t.checkpoint_every < 0:
-        raise ConfigError(f"train.checkpoint_every must be >= 0 (0 = only at the end), got {t.checkpoint_every}")
-    if t.keep_checkpoints < 1:
-        raise ConfigError(f"train.keep_checkpoints must be at least 1, got {t.keep_checkpoints}")
-
-
 def _preservation(t: TrainConfig) -> preservation.PreservationPolicy:
     latest = preservation.LatestN(n=t.keep_checkpoints)
     if not t.keep_best_metric:
@@ -87,7 +78,6 @@ def make_manager(directory: str | Path, t: TrainConfig) -> ocp.CheckpointManager
     Opening it starts deleting tmp directories that a crashed save left behind (its first save waits for that).
     ``manager.close()`` waits for a pending save.
     """
-    check_options(t)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=_preservation(t),
         # best_fn is what makes Orbax store each step's metrics (which the preservation policy ranks).
@@ -151,8 +141,7 @@ def abstract_state(cfg: Config, sharding: jax.sharding.Sharding | Any) -> TrainS
     ``sharding`` is one ``jax.sharding.Sharding`` for every leaf (e.g. ``SingleDeviceSharding`` or a replicated
     ``NamedSharding(mesh, P())``) or a TrainState-shaped pytree of shardings (one per leaf).
     """
-    build = lambda: init_state(cfg, split_model(models.build(cfg.model, seed=cfg.train.seed))[1])  # noqa: E731
-    shapes = jax.eval_shape(build)
+    shapes = abstract_train_state(cfg)
     if isinstance(sharding, jax.sharding.Sharding):
         sharding = jax.tree.map(lambda _: sharding, shapes)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)

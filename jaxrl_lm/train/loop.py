@@ -21,11 +21,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxrl_lm import data, models
+from jaxrl_lm import data, distributed
 from jaxrl_lm.config import Config, ConfigError, load_config, to_yaml
 from jaxrl_lm.rl import decision_capacity
 from jaxrl_lm.train import checkpoint
-from jaxrl_lm.train.state import TrainState, init_state, split_model
+from jaxrl_lm.train.mesh import place_batch
+from jaxrl_lm.train.sharding import init_sharded_state, setup_parallelism
+from jaxrl_lm.train.state import TrainState, model_graphdef
 from jaxrl_lm.train.update import make_update
 
 def check_vocab(cfg: Config, tokenizer: data.Tokenizer) -> None:
@@ -82,10 +84,10 @@ def resume_step(cfg: Config, resume: bool) -> int | None:
     return step
 
 
-def _restore(cfg: Config, step: int, sharding: jax.sharding.Sharding, loader: data.Loader) -> TrainState:
-    """The checkpointed state of ``step`` on ``sharding``; ``loader`` is moved to the batch after it."""
+def _restore(cfg: Config, step: int, target: TrainState, loader: data.Loader) -> TrainState:
+    """The checkpointed state of ``step`` onto ``target`` (abstract, sharded); ``loader`` moves past it."""
     directory = checkpoint.checkpoint_dir(cfg)
-    restored = checkpoint.restore(directory, checkpoint.abstract_state(cfg, sharding), step)
+    restored = checkpoint.restore(directory, target, step)
     loader.set_state(restored.loader_state)
     return restored.state
 
@@ -106,8 +108,7 @@ def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str,
     the next step boundary and returns early with ``preempted: true``.
     """
     out_dir = Path(cfg.train.out_dir)
-    is_main = jax.process_index() == 0
-    checkpoint.check_options(cfg.train)
+    is_main = distributed.initialize(cfg).is_main
     start = resume_step(cfg, resume)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,16 +118,17 @@ def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str,
     check_vocab(cfg, tokenizer)
     loader = data.make_loader(cfg.data, tokenizer=tokenizer, episodes=episodes,
                               process_index=jax.process_index(), process_count=jax.process_count())
-    graphdef, params = split_model(models.build(cfg.model, seed=cfg.train.seed))
-    # Fresh and restored states are both committed to the parameters' placement, so that a resumed run compiles
-    # (and runs) the very program an uninterrupted one does.
-    placement = jax.tree.leaves(params)[0].sharding
+    par = setup_parallelism(cfg)
+    if is_main:
+        tqdm.write(par.summary())
+    # Fresh and restored states both land on par.state_sharding, so that a resumed run compiles (and runs) the
+    # very program an uninterrupted one does.
     if start is None:
-        state = jax.device_put(init_state(cfg, params), placement)
+        state = init_sharded_state(cfg, par)
     else:
-        state = _restore(cfg, start, placement, loader)
-    del params
-    update = make_update(cfg, graphdef)
+        state = _restore(cfg, start, par.abstract_state, loader)
+    update = make_update(cfg, model_graphdef(cfg.model), state_sharding=par.state_sharding,
+                         batch_sharding=par.batch_sharding)
     log = MetricsLog(out_dir, is_main)
     capacity = decision_capacity(cfg.rl, cfg.data.seq_len)
     manager = checkpoint.make_manager(checkpoint.checkpoint_dir(cfg), cfg.train)
@@ -143,7 +145,7 @@ def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str,
     try:
         for step in range(first, cfg.train.steps + 1):
             batch = next(loader)
-            state, metrics = update(state, batch)
+            state, metrics = update(state, place_batch(batch, par.mesh))
             window_steps += 1
             bar.update(1)
             if step_hook is not None:
@@ -202,5 +204,6 @@ def main(argv: list[str] | None = None) -> None:
     final = train(cfg, progress=not args.no_progress, resume=args.resume)
     summary = {k: final[k] for k in ("step", "skipped", "preempted", "loss", "q_mean", "v_mean", "tokens_per_s")
                if k in final}
-    print(json.dumps(summary))
-    print(f"wrote {cfg.train.out_dir}/final_metrics.json")
+    if jax.process_index() == 0:
+        print(json.dumps(summary))
+        print(f"wrote {cfg.train.out_dir}/final_metrics.json")

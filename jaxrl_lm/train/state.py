@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jaxrl_lm.config import Config, OptimConfig
+from jaxrl_lm import models
+from jaxrl_lm.config import Config, ModelConfig, OptimConfig
 
 Params = dict[str, Any]
 
@@ -83,3 +84,18 @@ def init_state(cfg: Config, params: Params, seed: int | None = None) -> TrainSta
         skipped=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(seed)),
     )
+
+
+def fresh_state(cfg: Config) -> TrainState:
+    """The TrainState a new run starts from: the model of ``cfg.model`` built with ``train.seed``."""
+    return init_state(cfg, split_model(models.build(cfg.model, seed=cfg.train.seed))[1])
+
+
+def abstract_train_state(cfg: Config) -> TrainState:
+    """``fresh_state(cfg)`` as ``jax.ShapeDtypeStruct`` leaves; nothing is allocated."""
+    return jax.eval_shape(lambda: fresh_state(cfg))
+
+
+def model_graphdef(model_cfg: ModelConfig) -> nnx.GraphDef:
+    """The static graph of the model of ``model_cfg`` (what ``nnx.merge`` needs); nothing is allocated."""
+    return nnx.split(nnx.eval_shape(lambda: models.build(model_cfg)), nnx.Param)[0]

@@ -71,9 +71,12 @@ def _all_finite(tree: Any) -> jnp.ndarray:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def build_update_fn(cfg: Config, graphdef: nnx.GraphDef) -> Callable[[TrainState, Mapping[str, jnp.ndarray]],
-                                                                     tuple[TrainState, dict[str, jnp.ndarray]]]:
-    """The un-jitted update (for ``jax.vmap`` over seeds, AOT lowering, or custom jit options)."""
+def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sharding.Sharding | None = None
+                    ) -> Callable[[TrainState, Mapping[str, jnp.ndarray]], tuple[TrainState, dict[str, jnp.ndarray]]]:
+    """The un-jitted update (for ``jax.vmap`` over seeds, AOT lowering, or custom jit options).
+
+    ``micro_sharding``: where the ``[n, B / n, L]`` micro-batches go (``_micro_sharding``); None = XLA's choice.
+    """
     tx = make_optimizer(cfg)
     n_micro = cfg.optim.grad_accum
     eta = cfg.rl.target_ema
@@ -94,7 +97,10 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef) -> Callable[[TrainState
             return jax.tree.map(jnp.add, grads, g), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, micro_metrics = jax.lax.scan(micro_step, zeros, (_split_micro(batch, n_micro), micro_rngs))
+        micro = _split_micro(batch, n_micro)
+        if micro_sharding is not None:
+            micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
+        grads, micro_metrics = jax.lax.scan(micro_step, zeros, (micro, micro_rngs))
         metrics = {k: (jnp.sum(v) if k in _SUMMED else jnp.mean(v)) for k, v in micro_metrics.items()}
 
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -122,6 +128,14 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef) -> Callable[[TrainState
     return update
 
 
+def _micro_sharding(batch_sharding: Any) -> jax.sharding.NamedSharding | None:
+    """Every micro-batch split over the batch devices like the whole batch. Left to itself, XLA shards the
+    ``[n, B / n, L]`` reshape along the micro-batch axis ``n`` and then repeats each scan step on all devices."""
+    if not isinstance(batch_sharding, jax.sharding.NamedSharding):
+        return None
+    return jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
+
+
 def make_update(cfg: Config, graphdef: nnx.GraphDef, *, state_sharding: Any = None, batch_sharding: Any = None):
     """``jax.jit`` of ``build_update_fn`` with the state donated (and explicit shardings when given).
 
@@ -133,7 +147,7 @@ def make_update(cfg: Config, graphdef: nnx.GraphDef, *, state_sharding: Any = No
         update = jaxrl_lm.train.make_update(cfg, graphdef)
         state, metrics = update(state, batch)   # batch: dict of [B, L] arrays (jaxrl_lm.batch)
     """
-    fn = build_update_fn(cfg, graphdef)
+    fn = build_update_fn(cfg, graphdef, _micro_sharding(batch_sharding) if cfg.optim.grad_accum > 1 else None)
     if state_sharding is None and batch_sharding is None:
         return jax.jit(fn, donate_argnums=0)
     return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
