@@ -54,6 +54,7 @@ class ModelConfig:
     n_q_heads: int = 2
     q_head: Literal["mlp", "linear"] = "mlp"
     q_head_hidden_mult: int = 2
+    q_head_bias: bool = True  # false: no per-action output bias, so a linear head merges exactly into an HF lm_head
     init_std: float = 0.02
 
     @property

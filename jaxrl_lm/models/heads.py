@@ -47,7 +47,7 @@ class QHeads(nnx.Module):
     ``linear``: ``h -> W2 + b2`` (``M = D``).
 
     Parameters: ``fc_kernel [K, D, M]``, ``fc_bias [K, M]`` (mlp only), ``out_kernel [K, Vp, M]`` (one row per
-    action), ``out_bias [K, Vp]``.
+    action), ``out_bias [K, Vp]`` (absent when ``cfg.q_head_bias`` is false).
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -60,7 +60,7 @@ class QHeads(nnx.Module):
             self.fc_bias = _zeros((k, width), ("q_heads", "mlp"))
         self.out_kernel = _param(rngs, (k, vp, width), ("q_heads", "vocab", "mlp" if self.is_mlp else "embed"),
                                  cfg.init_std)
-        self.out_bias = _zeros((k, vp), ("q_heads", "vocab"))
+        self.out_bias = _zeros((k, vp), ("q_heads", "vocab")) if cfg.q_head_bias else None
 
     def _features(self, h: jax.Array) -> tuple[jax.Array, str]:
         """Inputs of the output layer and their einsum label for the head axis.
@@ -79,7 +79,7 @@ class QHeads(nnx.Module):
         z, k = self._features(h)
         w = self.out_kernel[...].astype(self.dtype)
         q = jnp.einsum(f"{k}...m,kvm->k...v", z, w, preferred_element_type=jnp.float32)
-        return q + _expand(self.out_bias[...], h.ndim - 1)
+        return q if self.out_bias is None else q + _expand(self.out_bias[...], h.ndim - 1)
 
     def at(self, h: jax.Array, actions: jax.Array) -> jax.Array:
         """Q-values of the given actions only. ``[..., D], [...] int -> [K, ...]`` float32.
@@ -90,7 +90,7 @@ class QHeads(nnx.Module):
         z, k = self._features(h)
         w = jnp.take(self.out_kernel[...], actions, axis=1).astype(self.dtype)
         q = jnp.einsum(f"{k}...m,k...m->k...", z, w, preferred_element_type=jnp.float32)
-        return q + jnp.take(self.out_bias[...], actions, axis=1)
+        return q if self.out_bias is None else q + jnp.take(self.out_bias[...], actions, axis=1)
 
 
 class VHead(nnx.Module):

@@ -1,0 +1,131 @@
+"""Policy extraction (DESIGN.md section 3): next-token scores at a decision state, filtering and sampling.
+
+Pure functions of head outputs: arrays in, arrays out. Shapes: ``[...]`` is any leading shape of decision states
+(the decoder uses ``[B]``), ``K`` Q-heads, ``V`` the padded vocabulary; ids ``>= vocab_size`` are vocabulary
+padding and always score -inf, so they are never sampled.
+
+Scores, one per candidate next token ``a`` at hidden state ``h``:
+
+- ``bc``:   ``log_softmax(LM(h, .))[a]``
+- ``ilql``: ``log_softmax(LM(h, .))[a] + beta * (min_k Q_k(h, a) - V(h))``
+- ``q``:    ``min_k Q_k(h, a)``
+
+Sampling divides the scores by the temperature (so ``q`` samples ``softmax(min_k Q / T)``), keeps the top-k,
+then the top-p nucleus, and draws; temperature 0 takes the argmax of the unfiltered scores.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_lm.rl.losses import mask_padded_vocab
+
+PolicyKind = Literal["bc", "ilql", "q"]
+KINDS: tuple[str, ...] = ("bc", "ilql", "q")
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"policy kind must be one of {KINDS}, got {kind!r}")
+
+
+def needs_heads(kind: str) -> tuple[bool, bool, bool]:
+    """Which heads ``policy_scores(kind, ...)`` reads: ``(lm, q, value)``."""
+    check_kind(kind)
+    return kind != "q", kind != "bc", kind == "ilql"
+
+
+def policy_scores(
+    kind: str,
+    lm_logits: Optional[jnp.ndarray],
+    q_logits: Optional[jnp.ndarray],
+    value: Optional[jnp.ndarray],
+    beta: jnp.ndarray | float,
+    vocab_size: int,
+) -> jnp.ndarray:
+    """Unnormalised log-probabilities of the next token under policy ``kind`` (module docstring).
+
+    Args:
+      kind: ``"bc"``, ``"ilql"`` or ``"q"``.
+      lm_logits: ``[..., V]`` float32 (bc, ilql; None for q).
+      q_logits: ``[K, ..., V]`` float32 (ilql, q; None for bc).
+      value: ``[...]`` float32 (ilql only).
+      beta: float32 scalar, the advantage weight of ilql.
+      vocab_size: real vocabulary size; ids at or above it score -inf.
+
+    Returns:
+      ``[..., V]`` float32.
+    """
+    check_kind(kind)
+    if kind == "q":
+        return mask_padded_vocab(jnp.min(q_logits, axis=0), vocab_size)
+    log_pi = jax.nn.log_softmax(mask_padded_vocab(lm_logits, vocab_size), axis=-1)
+    if kind == "bc":
+        return log_pi
+    advantage = jnp.min(q_logits, axis=0) - value[..., None]
+    # log_pi is already -inf on padded ids and a finite advantage cannot lift them.
+    return log_pi + beta * advantage
+
+
+def top_k_mask(scores: jnp.ndarray, k: int) -> jnp.ndarray:
+    """``[..., V] -> [..., V]`` bool: the ``k`` highest scores (ties with the k-th are kept); all when ``k <= 0``."""
+    if k <= 0 or k >= scores.shape[-1]:
+        return jnp.ones(scores.shape, bool)
+    kth = jax.lax.top_k(scores, k)[0][..., -1:]
+    return scores >= kth
+
+
+def top_p_mask(scores: jnp.ndarray, p: jnp.ndarray | float) -> jnp.ndarray:
+    """``[..., V] -> [..., V]`` bool: the smallest highest-probability set whose mass under ``softmax(scores)``
+    reaches ``p`` (the nucleus; ties with its last member are kept). Always holds the argmax; all when ``p >= 1``.
+    """
+    order = jnp.sort(scores, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(order, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.maximum(jnp.sum(mass_before < p, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(order, n_keep - 1, axis=-1)
+    # p >= 1 keeps everything exactly, which the float cumsum (summing to 1 - eps) would not guarantee.
+    return (scores >= threshold) | (jnp.asarray(p) >= 1.0)
+
+
+def sampling_logits(scores: jnp.ndarray, temperature: jnp.ndarray | float, top_k: int,
+                    top_p: jnp.ndarray | float) -> jnp.ndarray:
+    """Scores divided by ``temperature`` (> 0), -inf outside the top-k and then the top-p set. ``[..., V]``.
+
+    The nucleus is taken over the tempered, top-k-filtered distribution (the order Hugging Face uses); its sort
+    is skipped at run time when ``top_p >= 1``.
+    """
+    logits = scores / temperature
+    logits = jnp.where(top_k_mask(logits, top_k), logits, -jnp.inf)
+    return jax.lax.cond(jnp.asarray(top_p) < 1.0,
+                        lambda x: jnp.where(top_p_mask(x, top_p), x, -jnp.inf), lambda x: x, logits)
+
+
+def sample_tokens(rng: jax.Array, scores: jnp.ndarray, temperature: jnp.ndarray | float, top_k: int,
+                  top_p: jnp.ndarray | float, allowed: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """One next token per state. ``[..., V] -> [...]`` int32.
+
+    Args:
+      rng: a PRNG key.
+      scores: from ``policy_scores`` (-inf on padded ids).
+      temperature: float32 scalar; ``<= 0`` is greedy (argmax, no randomness).
+      top_k: static int, 0 = off.
+      top_p: float32 scalar, ``>= 1`` = off.
+      allowed: bool mask broadcastable to ``scores`` (e.g. ``[V]`` or ``[..., V]``), or None. It must allow at
+        least one real id per state (the decoder always allows its stop tokens).
+    """
+    if allowed is not None:
+        scores = jnp.where(allowed, scores, -jnp.inf)
+
+    def draw(s):
+        safe_t = jnp.where(temperature > 0, temperature, 1.0)
+        return jax.random.categorical(rng, sampling_logits(s, safe_t, top_k, top_p), axis=-1).astype(jnp.int32)
+
+    def greedy(s):
+        return jnp.argmax(s, axis=-1).astype(jnp.int32)
+
+    # cond, not where: greedy decoding then pays for neither the noise nor the top-k / top-p sorts.
+    return jax.lax.cond(jnp.asarray(temperature) > 0, draw, greedy, scores)
