@@ -51,16 +51,20 @@ class Transcript(str):
 
     It *is* the string a language-model policy reads. Scripted policies (behaviour and reference policies
     that write datasets) may also read ``env``, the live environment, for privileged state such as the
-    agent's position in a partially observed maze; ``index`` is the episode's position in the rollout batch.
+    agent's position in a partially observed maze; ``index`` is the episode's position in the rollout batch;
+    ``turns`` are the turn texts in order (None when not given), so a model policy lays out its prompt turn by
+    turn exactly as the data pipeline does, whatever characters the texts hold.
     """
 
     env: Env
     index: int
+    turns: tuple[str, ...] | None
 
-    def __new__(cls, text: str, env: Env, index: int) -> "Transcript":
+    def __new__(cls, text: str, env: Env, index: int, turns: tuple[str, ...] | None = None) -> "Transcript":
         obj = super().__new__(cls, text)
         obj.env = env
         obj.index = index
+        obj.turns = turns
         return obj
 
 
@@ -122,7 +126,8 @@ def rollout(
         active = [i for i, run in enumerate(runs) if not run.done and run.steps < max_steps]
         if not active:
             break
-        transcripts = [Transcript(render_transcript(runs[i].turns), runs[i].env, i) for i in active]
+        transcripts = [Transcript(render_transcript(runs[i].turns), runs[i].env, i,
+                                  tuple(t["text"] for t in runs[i].turns)) for i in active]
         actions = act(transcripts)
         _check_actions(actions, len(active))
         for i, action in zip(active, actions):

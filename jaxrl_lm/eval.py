@@ -1,0 +1,184 @@
+"""Batched rollouts of a policy on a task -> mean return, normalised score, 95% interval, success rate.
+
+    result = evaluate_policy(policy, "maze", episodes=50, task_stats=stats)
+    result = evaluate_params(cfg, params, "maze", kind="ilql", beta=4.0)   # from the training loop
+    write_report([result], "runs/maze/eval", "maze_ilql")                   # .md table + .json
+
+Episodes run through ``jaxrl_lm.envs.run_policy`` under the task's evaluation step budget, ``batch_size`` at a
+time (the policy decodes all running episodes of a batch together). Seeds: by default every evaluation start
+once (``envs.evaluate``'s protocol, exact for deterministic policies); ``episodes=N`` uses N seeds spread evenly
+over the starts (cycling through them when N exceeds their number).
+
+The interval is Student's t 95% interval of the mean return over episodes (normalised the same way: the
+normalisation is monotone and piecewise linear, so the interval's ends are normalised separately).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import scipy.stats
+
+from jaxrl_lm import envs
+from jaxrl_lm.config import Config, ModelConfig
+from jaxrl_lm.envs.normalize import TaskStats
+from jaxrl_lm.envs.tasks import TaskSpec, get_task
+from jaxrl_lm.policy import Policy, describe, load_policy
+from jaxrl_lm.train.state import Params
+
+Episode = dict[str, Any]
+
+
+def is_success(episode: Episode) -> bool:
+    """The episode really ended (``done``) on an unpenalised move: in every built-in task the move that reaches
+    the goal (solves the word, names the object) is the only ending move that earns 0, and a lost game's last
+    move costs -1."""
+    actions = [t for t in episode["turns"] if t["role"] == "action"]
+    return bool(episode["done"]) and bool(actions) and actions[-1]["reward"] >= 0
+
+
+def eval_seeds(spec: TaskSpec, episodes: Optional[int]) -> list[int]:
+    """Evaluation seeds (module docstring); seed ``s`` starts the env at start ``s % num_instances``."""
+    n = spec.num_instances
+    if episodes is None:
+        return list(range(n))
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    return [i * n // episodes for i in range(episodes)] if episodes <= n else list(range(episodes))
+
+
+def mean_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student's t interval of the mean. ``[n] -> (low, high)``; NaN for a single value."""
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan
+    half = scipy.stats.t.ppf(0.5 + level / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def summarize(episodes: Sequence[Episode], task_stats: Optional[TaskStats | Mapping[str, Any]] = None,
+              success: Callable[[Episode], bool] = is_success) -> dict[str, Any]:
+    """Return statistics of episode records; the normalised fields need ``task_stats``."""
+    returns = np.array([e["meta"]["return"] for e in episodes], np.float64)
+    low, high = mean_interval(returns)
+    out: dict[str, Any] = {
+        "episodes": len(returns),
+        "mean_return": float(returns.mean()),
+        "return_ci95": [low, high],
+        "success_rate": float(np.mean([success(e) for e in episodes])),
+        "mean_steps": float(np.mean([sum(t["role"] == "action" for t in e["turns"]) for e in episodes])),
+    }
+    if task_stats is not None:
+        out["normalized_score"] = _normalize(out["mean_return"], task_stats)
+        out["normalized_ci95"] = [_normalize(low, task_stats), _normalize(high, task_stats)]
+    return out
+
+
+def _normalize(value: float, task_stats: TaskStats | Mapping[str, Any]) -> float:
+    return float(envs.normalize(value, task_stats)) if math.isfinite(value) else math.nan
+
+
+@functools.lru_cache(maxsize=None)
+def _generated_task_stats(task: str, episodes: int, seed: int) -> TaskStats:
+    return TaskStats.from_dict(envs.make_dataset(task, episodes=episodes, seed=seed)[1])
+
+
+def load_task_stats(task: str, cfg: Optional[Config] = None, stats_file: Optional[str | Path] = None) -> TaskStats:
+    """The normalisation anchors of ``task`` (worst, dataset, optimal returns).
+
+    From ``stats_file`` (``scripts/make_task_data.py``'s ``*.stats.json``) when given; else from the dataset
+    ``cfg`` trained on: the stats file beside a JSONL ``data.path``, or, for ``data.path: task:NAME``, the
+    same in-memory dataset regenerated (``data.task_episodes``, ``data.seed``; cached per process). Without
+    either, the anchors of a 1000-episode seed-0 dataset (``make_task_data.py``'s defaults).
+    """
+    if stats_file is not None:
+        return TaskStats.from_dict(json.loads(Path(stats_file).read_text()))
+    if cfg is not None and cfg.data.path.endswith(".jsonl"):
+        beside = Path(cfg.data.path).with_suffix(".stats.json")
+        if beside.is_file():
+            return load_task_stats(task, stats_file=beside)
+    if cfg is not None and cfg.data.path == f"task:{task}":
+        return _generated_task_stats(task, cfg.data.task_episodes, cfg.data.seed)
+    return _generated_task_stats(task, 1000, 0)
+
+
+def evaluate_policy(act: Callable[[list[str]], list[str]], task: str | TaskSpec, *, episodes: Optional[int] = None,
+                    task_stats: Optional[TaskStats | Mapping[str, Any]] = None, batch_size: int = 64,
+                    success: Callable[[Episode], bool] = is_success) -> dict[str, Any]:
+    """Rolls ``act`` out on ``task`` (module docstring) and summarises; adds ``task``, ``seconds`` and, for a
+    ``Policy``, its knobs under ``"policy"``. The episode records are under ``"records"``."""
+    spec = task if isinstance(task, TaskSpec) else get_task(task)
+    t0 = time.perf_counter()
+    records = envs.run_policy(spec, act, eval_seeds(spec, episodes), spec.eval_steps, batch_size)
+    result = {"task": spec.name, **summarize(records, task_stats, success), "seconds": time.perf_counter() - t0}
+    if isinstance(act, Policy):
+        result["policy"] = describe(act)
+    result["records"] = records
+    return result
+
+
+def evaluate_params(cfg: Config | ModelConfig, params: Params, task: str, *, episodes: Optional[int] = None,
+                    task_stats: Optional[TaskStats | Mapping[str, Any]] = None, batch_size: int = 64,
+                    **policy_kw: Any) -> dict[str, Any]:
+    """``evaluate_policy`` of ``load_policy(params, cfg=cfg, **policy_kw)`` (kind, beta, temperature, ...), for
+    calling every N training steps: the decoder is compiled once per shape and reused by later calls.
+
+    ``task_stats`` defaults to ``load_task_stats(task, cfg)`` when ``cfg`` is a full ``Config``; the normalised
+    fields are left out for a bare ``ModelConfig`` without stats.
+    """
+    if task_stats is None and isinstance(cfg, Config):
+        task_stats = load_task_stats(task, cfg)
+    policy = load_policy(params, cfg=cfg, **policy_kw)
+    return evaluate_policy(policy, task, episodes=episodes, task_stats=task_stats, batch_size=batch_size)
+
+
+_COLUMNS = (("task", "task", "{}"), ("policy", "policy", "{}"), ("episodes", "episodes", "{}"),
+            ("mean return", "mean_return", "{:.3f}"), ("return 95% CI", "return_ci95", "[{:.3f}, {:.3f}]"),
+            ("normalised", "normalized_score", "{:.1f}"), ("normalised 95% CI", "normalized_ci95", "[{:.1f}, {:.1f}]"),
+            ("success", "success_rate", "{:.1%}"))
+
+
+def _policy_label(result: Mapping[str, Any]) -> str:
+    p = result.get("policy")
+    if p is None:
+        return "-"
+    label = p["kind"] + (f" beta={p['beta']:g}" if p["kind"] == "ilql" else "")
+    label += " greedy" if p["temperature"] == 0 else f" T={p['temperature']:g}"
+    label += f" top-k={p['top_k']}" if p["top_k"] else ""
+    label += f" top-p={p['top_p']:g}" if p["top_p"] < 1 else ""
+    return label + (f" best-of-{p['best_of']}" if p["best_of"] > 1 else "")
+
+
+def _cell(result: Mapping[str, Any], key: str, fmt: str) -> str:
+    if key == "policy":
+        return _policy_label(result)
+    value = result.get(key)
+    if value is None:
+        return "-"
+    return fmt.format(*value) if isinstance(value, (list, tuple)) else fmt.format(value)
+
+
+def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """One row per evaluation result."""
+    lines = ["| " + " | ".join(name for name, _, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r, key, fmt) for _, key, fmt in _COLUMNS) + " |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """Writes ``out_dir/name.md`` (the table) and ``out_dir/name.json`` (every field; episode records in
+    ``out_dir/name.episodes.jsonl``). Returns the two paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
+    md.write_text(markdown_table(results), encoding="utf-8")
+    js.write_text(json.dumps([{k: v for k, v in r.items() if k != "records"} for r in results], indent=2) + "\n",
+                  encoding="utf-8")
+    envs.write_jsonl(out_dir / f"{name}.episodes.jsonl", [e for r in results for e in r.get("records", [])])
+    return md, js

@@ -1,0 +1,222 @@
+"""A trained model as an environment policy: ``load_policy(...)`` returns ``Policy``, an ``act(transcripts)``.
+
+    policy = load_policy("runs/maze", kind="ilql", beta=4.0)
+    actions = policy(transcripts)                    # list[str] -> list[str], one action text per episode
+
+The prompt of an episode is laid out exactly as the data pipeline lays out the same episode prefix
+(``jaxrl_lm.data.convert``): ``[BOS] w_0 [EOT] w_1 [EOT] ... w_n [EOT]``, ``w_k`` the ids of turn ``k``'s text
+encoded alone, so the model sees at decision time what it was trained on. The turns come from the transcript:
+its ``turns`` attribute (turn texts, or turn dicts with ``"text"``) when it carries one, else the rendered
+string split at its newlines (``envs.render_transcript`` ends every turn with one; a turn whose text holds a
+newline cannot be recovered from the string alone). A prompt longer than the context keeps BOS and its most
+recent tokens (the data pipeline's ``truncate_side: left``).
+
+The action is the decoded turn up to its EOT (or the token budget). Special tokens other than the stop tokens
+(BOS, PAD) are never sampled, so every action is plain text that encodes back to the tokens the model chose
+(up to the tokenizer's own merge choices).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_lm.config import Config, ModelConfig
+from jaxrl_lm.data.tokenizer import Tokenizer, build_char_tokenizer, load_tokenizer
+from jaxrl_lm.generate import DecodeSpec, Sampling, bucket, decode
+from jaxrl_lm.train import checkpoint
+from jaxrl_lm.train.state import Params, model_graphdef
+
+# Prompt widths and batch sizes are padded to powers of two at least this large (fewer compiled shapes).
+MIN_PROMPT_BUCKET = 16
+MIN_BATCH_BUCKET = 8
+
+
+def transcript_turns(transcript: str) -> list[str]:
+    """The turn texts of a transcript (module docstring): its ``turns`` attribute, else its lines."""
+    turns = getattr(transcript, "turns", None)
+    if turns is not None:
+        return [t["text"] if isinstance(t, dict) else str(t) for t in turns]
+    if not transcript.endswith("\n"):
+        raise ValueError(f"transcript {transcript[-40:]!r} does not end with a newline: lay transcripts out with "
+                         f"jaxrl_lm.envs.render_transcript (every turn's text followed by a newline)")
+    return transcript[:-1].split("\n")
+
+
+def prompt_tokens(turns: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+    """``[BOS] w_0 [EOT] ... w_n [EOT]`` for the turn texts ``turns``. Returns ``[1 + sum_k (n_k + 1)] int32``."""
+    ids = tokenizer.encode_batch(list(turns))
+    return np.concatenate([[tokenizer.bos_id]] + [np.append(w, tokenizer.eot_id) for w in ids]).astype(np.int32)
+
+
+def truncate_left(tokens: np.ndarray, max_len: int) -> np.ndarray:
+    """BOS plus the last ``max_len - 1`` tokens when ``tokens`` is longer than ``max_len`` (data layout "left")."""
+    if len(tokens) <= max_len:
+        return tokens
+    return np.concatenate([tokens[:1], tokens[len(tokens) - (max_len - 1):]])
+
+
+def sampling_mask(tokenizer: Tokenizer, vocab_size: int, padded_vocab: int,
+                  allowed_tokens: Optional[Sequence[int]]) -> np.ndarray:
+    """``[Vp]`` bool: the ids a turn may contain. ``allowed_tokens`` (or every real id) minus BOS and PAD, plus
+    the stop ids (EOT, EOS), which end a turn and must always be reachable."""
+    mask = np.zeros(padded_vocab, bool)
+    if allowed_tokens is None:
+        mask[:vocab_size] = True
+    else:
+        mask[np.asarray(allowed_tokens, np.int64)] = True
+    mask[[tokenizer.bos_id, tokenizer.pad_id]] = False
+    mask[stop_ids(tokenizer)] = True
+    return mask
+
+
+def stop_ids(tokenizer: Tokenizer) -> np.ndarray:
+    """``[S] int32``: EOT ends an agent turn in the data layout; EOS is honoured too (a model from a chat
+    checkpoint may still use it)."""
+    return np.unique(np.array([tokenizer.eot_id, tokenizer.eos_id], np.int32))
+
+
+class Policy:
+    """``act(transcripts) -> actions`` with a ``QTransformer`` (module docstring); instances are callable.
+
+    Attributes:
+      cfg: the ``ModelConfig``. params: the parameter dict. tokenizer: the data pipeline's tokenizer.
+      spec, sampling: the decoding knobs (``jaxrl_lm.generate``).
+      max_prompt_len: longest prompt kept (``context_len - max_new_tokens``).
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, *, spec: DecodeSpec,
+                 sampling: Sampling, context_len: int, seed: int = 0,
+                 allowed_tokens: Optional[Sequence[int]] = None):
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but model.vocab_size is "
+                             f"{cfg.vocab_size}: load the tokenizer the model was trained with (data.tokenizer)")
+        if context_len > cfg.max_seq_len:
+            raise ValueError(f"context_len {context_len} exceeds model.max_seq_len {cfg.max_seq_len}")
+        self.max_prompt_len = context_len - spec.max_new_tokens
+        if self.max_prompt_len < 2:
+            raise ValueError(f"max_new_tokens {spec.max_new_tokens} leaves no room for a prompt in the "
+                             f"{context_len}-token context; lower it below {context_len - 1}")
+        self.cfg, self.params, self.tokenizer, self.spec, self.sampling = cfg, params, tokenizer, spec, sampling
+        self.graphdef = model_graphdef(cfg)
+        self.allowed = jnp.asarray(sampling_mask(tokenizer, cfg.vocab_size, cfg.padded_vocab_size, allowed_tokens))
+        self.stop_ids = jnp.asarray(stop_ids(tokenizer))
+        self.stop_set = set(stop_ids(tokenizer).tolist())
+        self.rng = jax.random.key(seed)
+
+    def prompts(self, transcripts: Sequence[str]) -> list[np.ndarray]:
+        """Each transcript's prompt tokens, laid out and truncated as the data pipeline would. ``[n_i] int32``."""
+        return [truncate_left(prompt_tokens(transcript_turns(t), self.tokenizer), self.max_prompt_len)
+                for t in transcripts]
+
+    def batch(self, prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded ``[B', P] int32`` prompts and ``[B'] int32`` lengths, ``B'`` and ``P`` bucketed; rows past
+        ``len(prompts)`` have length 0 (they only pad the batch)."""
+        width = min(bucket(max(len(p) for p in prompts), MIN_PROMPT_BUCKET), self.max_prompt_len)
+        rows = bucket(len(prompts), MIN_BATCH_BUCKET)
+        tokens = np.full((rows, width), self.tokenizer.pad_id, np.int32)
+        lengths = np.zeros(rows, np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, width - len(p):] = p
+            lengths[i] = len(p)
+        return tokens, lengths
+
+    def decode_prompts(self, prompts: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The turn decoded after each prompt, stop token included. ``[m_i] int32``."""
+        tokens, lengths = self.batch(prompts)
+        self.rng, key = jax.random.split(self.rng)
+        out = decode(self.graphdef, self.params, tokens, lengths, key, self.sampling, self.stop_ids,
+                     jnp.int32(self.tokenizer.pad_id), self.allowed, spec=self.spec)
+        new, new_lengths = jax.device_get((out.tokens, out.lengths))
+        return [new[i, : new_lengths[i]] for i in range(len(prompts))]
+
+    def action_text(self, turn: np.ndarray) -> str:
+        """A decoded turn as action text: its tokens before the stop token."""
+        if len(turn) and int(turn[-1]) in self.stop_set:
+            turn = turn[:-1]
+        return self.tokenizer.decode(turn)
+
+    def __call__(self, transcripts: Sequence[str]) -> list[str]:
+        """The next action text of every episode. An empty list in, an empty list out."""
+        if not transcripts:
+            return []
+        return [self.action_text(t) for t in self.decode_prompts(self.prompts(transcripts))]
+
+    act = __call__
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    """A run's ``train.out_dir`` or its ``checkpoints`` directory -> the directory holding the steps."""
+    return path / checkpoint.CHECKPOINT_SUBDIR if (path / checkpoint.CHECKPOINT_SUBDIR).is_dir() else path
+
+
+def restore_params(path: str | Path, step: Optional[int] = None) -> tuple[Config, Params, int]:
+    """The saved config, the online parameters (on the default device) and the step of a checkpoint."""
+    directory = _resolve_checkpoint(Path(path).absolute())
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restored = checkpoint.restore(directory, device, step=step)
+    return checkpoint.config_from_dict(restored.config), restored.state.params, restored.step
+
+
+def load_policy(
+    source: str | Path | Params,
+    kind: str = "ilql",
+    *,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    best_of: int = 1,
+    max_new_tokens: int = 32,
+    tokenizer: Optional[Tokenizer] = None,
+    cfg: Optional[Config | ModelConfig] = None,
+    step: Optional[int] = None,
+    context_len: Optional[int] = None,
+    allowed_tokens: Optional[Sequence[int]] = None,
+    seed: int = 0,
+) -> Policy:
+    """A ``Policy`` from a checkpoint or from parameters.
+
+    Args:
+      source: a run directory (``train.out_dir``) or its ``checkpoints`` directory (the newest complete step,
+        or ``step``), or a parameter dict (``cfg`` then required).
+      kind: ``"ilql"``, ``"bc"`` or ``"q"`` (``jaxrl_lm.rl.policy``); beta, temperature, top_k, top_p: its
+        knobs (temperature 0 = greedy); best_of: candidate turns per step, the best final-token Q wins.
+      max_new_tokens: token budget of one action turn, its EOT included.
+      tokenizer: default: ``cfg.data.tokenizer`` for a full ``Config``, the built-in byte tokenizer for a bare
+        ``ModelConfig``.
+      cfg: the run's ``Config`` (or just its ``ModelConfig``); default for a checkpoint: the config saved in it.
+      context_len: longest prompt plus action, default ``data.seq_len`` (the window the model was trained on)
+        capped at ``model.max_seq_len``; a bare ``ModelConfig`` uses ``max_seq_len``.
+      allowed_tokens: ids an action may contain (EOT / EOS are always allowed); default every real id but
+        BOS and PAD.
+      seed: of the sampling PRNG (each call draws a fresh key from it).
+    """
+    if isinstance(source, (str, Path)):
+        saved_cfg, params, _ = restore_params(source, step)
+        cfg = cfg or saved_cfg
+    elif cfg is None:
+        raise ValueError("load_policy: pass cfg (the run's Config or ModelConfig) along with a parameter dict")
+    else:
+        params = source
+    model_cfg = cfg.model if isinstance(cfg, Config) else cfg
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.data.tokenizer) if isinstance(cfg, Config) else build_char_tokenizer()
+    if context_len is None:
+        context_len = min(cfg.data.seq_len, model_cfg.max_seq_len) if isinstance(cfg, Config) else \
+            model_cfg.max_seq_len
+    spec = DecodeSpec(kind=kind, top_k=top_k, max_new_tokens=max_new_tokens, best_of=best_of)
+    return Policy(model_cfg, params, tokenizer, spec=spec, sampling=Sampling.make(beta, temperature, top_p),
+                  context_len=context_len, seed=seed, allowed_tokens=allowed_tokens)
+
+
+def describe(policy: Policy) -> dict[str, Any]:
+    """The policy's knobs, for reports."""
+    s = policy.sampling
+    return {"kind": policy.spec.kind, "beta": float(s.beta), "temperature": float(s.temperature),
+            "top_k": policy.spec.top_k, "top_p": float(s.top_p), "best_of": policy.spec.best_of,
+            "max_new_tokens": policy.spec.max_new_tokens, "max_prompt_len": policy.max_prompt_len}

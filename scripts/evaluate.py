@@ -1,0 +1,61 @@
+"""Evaluate a checkpoint as a policy on a built-in task: mean return, normalised score, 95% CI, success rate.
+
+    python scripts/evaluate.py runs/maze --task maze --policy ilql --beta 4 --episodes 50
+
+CKPT is a run directory (``train.out_dir``) or its ``checkpoints`` directory; the newest complete step is used
+unless ``--step`` is given. Prints a Markdown table and writes ``<out>/<task>_<policy>_step<S>.md``, ``.json``
+and ``.episodes.jsonl`` (default ``<out>`` = ``<run>/eval``). Normalisation anchors come from ``--stats`` or
+from the dataset the run trained on (``jaxrl_lm.eval.load_task_stats``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from jaxrl_lm import envs
+from jaxrl_lm.eval import evaluate_policy, load_task_stats, markdown_table, write_report
+from jaxrl_lm.policy import load_policy, restore_params
+from jaxrl_lm.rl.policy import KINDS
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="run directory or its checkpoints/ directory")
+    parser.add_argument("--task", required=True, choices=envs.task_names(), help="built-in task to play")
+    parser.add_argument("--policy", default="ilql", choices=KINDS, help="policy extraction (DESIGN.md section 3)")
+    parser.add_argument("--beta", type=float, default=1.0, help="ilql advantage weight")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k best tokens; 0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
+    parser.add_argument("--best-of", type=int, default=1, help="candidate turns per step; highest Q wins")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="token budget of one action turn")
+    parser.add_argument("--episodes", type=int, default=None, help="default: every evaluation start once")
+    parser.add_argument("--batch-size", type=int, default=64, help="episodes rolled out together")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step; default: the newest")
+    parser.add_argument("--stats", type=Path, default=None, help="task stats JSON (make_task_data.py)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--out", type=Path, default=None, help="report directory; default <run>/eval")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg, params, step = restore_params(args.checkpoint, args.step)
+    policy = load_policy(params, args.policy, cfg=cfg, beta=args.beta, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, best_of=args.best_of,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed)
+    stats = load_task_stats(args.task, cfg, args.stats)
+    result = evaluate_policy(policy, args.task, episodes=args.episodes, task_stats=stats,
+                             batch_size=args.batch_size)
+    result.update(checkpoint=str(args.checkpoint), step=step)
+    run_dir = args.checkpoint.parent if args.checkpoint.name == "checkpoints" else args.checkpoint
+    md, js = write_report([result], args.out or run_dir / "eval", f"{args.task}_{args.policy}_step{step}")
+    print(markdown_table([result]), end="")
+    print(f"{result['episodes']} episodes in {result['seconds']:.1f} s; wrote {md} and {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
