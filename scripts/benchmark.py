@@ -12,6 +12,9 @@ analysis (arguments, outputs, temporaries, in GB) and the process's peak RSS.
 The ``loader`` line times the data pipeline on the demo config (grid-stitching episodes, packed rows, byte
 tokenizer): ``tokens_per_s`` counts delivered positions, ``real_tokens_per_s`` non-padding ones.
 
+The ``decode_gpt2_small`` line times jitted KV-cache decoding (``jaxrl_lm.generate.decode_throughput``) for the
+bc and ilql policies: new tokens per second over the whole batch, prefill included.
+
 The batch is dialogue-shaped: each row alternates observation and agent turns of ``--turn-len`` tokens, so
 ``--action-fraction`` of the tokens are agent tokens; ``rl.decision_fraction`` is set to just cover them.
 """
@@ -28,6 +31,7 @@ import sys
 import time
 
 LOADER_PRESET = "loader"
+DECODE_PRESET = "decode_gpt2_small"
 PRESETS: dict[str, dict] = {
     # name: config file, overrides, batch, seq_len
     LOADER_PRESET: dict(config="configs/demo.yaml", overrides=[], batch=16, seq_len=128),
@@ -37,6 +41,8 @@ PRESETS: dict[str, dict] = {
                                 batch=4, seq_len=256),
     "gpt2_small_full_k2": dict(config="configs/models/gpt2_small.yaml", overrides=["rl.target_scope=full"],
                                batch=4, seq_len=256),
+    # batch 8, a 64-token prompt, 128 new tokens (DESIGN.md section 8 compares HF generate at batch 8)
+    DECODE_PRESET: dict(config="configs/models/gpt2_small.yaml", overrides=[], batch=8, seq_len=64),
 }
 
 
@@ -94,6 +100,24 @@ def run_loader(args: argparse.Namespace) -> dict:
         loader.close()
     return {"config": LOADER_PRESET, "data": cfg.data.path, "batch": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
             **{k: round(v, 3) for k, v in figures.items()},
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
+
+
+def run_decode(args: argparse.Namespace) -> dict:
+    import jax
+
+    import jaxrl_lm
+    from jaxrl_lm.generate import decode_throughput
+
+    p = PRESETS[DECODE_PRESET]
+    cfg = jaxrl_lm.load_config(p["config"], p["overrides"] + args.override)
+    params = jaxrl_lm.train.split_model(jaxrl_lm.models.build(cfg.model))[1]
+    lines = {kind: decode_throughput(cfg.model, params, batch=p["batch"], prompt_len=p["seq_len"], new_tokens=128,
+                                     kind=kind) for kind in ("bc", "ilql")}
+    return {"config": DECODE_PRESET, "device": jax.devices()[0].device_kind,
+            **{f"{kind}_{k}": round(v, 3) for kind, line in lines.items() for k, v in line.items()
+               if k in ("new_tokens_per_s", "step_ms", "compile_s")},
+            "batch": p["batch"], "prompt_len": p["seq_len"], "new_tokens": 128,
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
 
 
@@ -176,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", help=argparse.SUPPRESS)  # internal: run one preset in this process
     args = ap.parse_args(argv)
     if args.preset:
-        run = run_loader if args.preset == LOADER_PRESET else lambda a: run_preset(args.preset, a)
+        special = {LOADER_PRESET: run_loader, DECODE_PRESET: run_decode}
+        run = special.get(args.preset, lambda a: run_preset(args.preset, a))
         print(json.dumps(run(args)), flush=True)
         return
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
