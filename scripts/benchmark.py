@@ -15,6 +15,10 @@ tokenizer): ``tokens_per_s`` counts delivered positions, ``real_tokens_per_s`` n
 The ``decode_gpt2_small`` line times jitted KV-cache decoding (``jaxrl_lm.generate.decode_throughput``) for the
 bc and ilql policies: new tokens per second over the whole batch, prefill included.
 
+The ``mesh_bytes_gpt2_small`` line gives the TrainState bytes one device holds (params, targets, optimizer
+state) on 8 devices for the meshes (data, fsdp, tensor) in ``MESHES``, from the shardings of the abstract state.
+Every update line also reports its own mesh and per-device state bytes.
+
 The batch is dialogue-shaped: each row alternates observation and agent turns of ``--turn-len`` tokens, so
 ``--action-fraction`` of the tokens are agent tokens; ``rl.decision_fraction`` is set to just cover them.
 """
@@ -32,6 +36,8 @@ import time
 
 LOADER_PRESET = "loader"
 DECODE_PRESET = "decode_gpt2_small"
+MESH_PRESET = "mesh_bytes_gpt2_small"
+MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4))
 PRESETS: dict[str, dict] = {
     # name: config file, overrides, batch, seq_len
     LOADER_PRESET: dict(config="configs/demo.yaml", overrides=[], batch=16, seq_len=128),
@@ -43,6 +49,8 @@ PRESETS: dict[str, dict] = {
                                batch=4, seq_len=256),
     # batch 8, a 64-token prompt, 128 new tokens (DESIGN.md section 8 compares HF generate at batch 8)
     DECODE_PRESET: dict(config="configs/models/gpt2_small.yaml", overrides=[], batch=8, seq_len=64),
+    # per-device state bytes on 8 (forced host) devices for each mesh; abstract: nothing is allocated
+    MESH_PRESET: dict(config="configs/models/gpt2_small.yaml", overrides=[], batch=8, seq_len=256),
 }
 
 
@@ -121,6 +129,21 @@ def run_decode(args: argparse.Namespace) -> dict:
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
 
 
+def run_mesh_bytes(args: argparse.Namespace) -> dict:
+    import jaxrl_lm
+    from jaxrl_lm.train.sharding import setup_parallelism, state_bytes_per_device
+
+    p = PRESETS[MESH_PRESET]
+    out = {"config": MESH_PRESET}
+    for data, fsdp, tensor in MESHES:
+        cfg = jaxrl_lm.load_config(p["config"], p["overrides"] + args.override + [
+            f"data.batch_size={p['batch']}", f"data.seq_len={p['seq_len']}", f"mesh.data={data}",
+            f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", "model.vocab_pad_multiple=8"])
+        per_device = state_bytes_per_device(setup_parallelism(cfg).abstract_state)
+        out[f"{data}x{fsdp}x{tensor}_gb"] = {k: round(v / 1024**3, 3) for k, v in per_device.items()}
+    return out
+
+
 def run_preset(name: str, args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
@@ -128,6 +151,9 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
     import jaxrl_lm
     from jaxrl_lm.rl import transitions
     from jaxrl_lm.train.flops import update_flops
+    from jaxrl_lm.train.mesh import place_batch
+    from jaxrl_lm.train.sharding import init_sharded_state, setup_parallelism, state_bytes_per_device
+    from jaxrl_lm.train.state import model_graphdef
 
     p = PRESETS[name]
     batch_np = dialogue_batch(p["batch"], p["seq_len"], 50257 if "gpt2" in name else 256, args.turn_len,
@@ -138,11 +164,11 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
         f"data.batch_size={p['batch']}", f"data.seq_len={p['seq_len']}", f"rl.decision_fraction={fraction}"])
     peak = matmul_peak_gflops()
 
-    model = jaxrl_lm.models.build(cfg.model, seed=0)
-    graphdef, params = jaxrl_lm.train.split_model(model)
-    state = jaxrl_lm.train.init_state(cfg, params)
-    update = jaxrl_lm.train.make_update(cfg, graphdef)
-    batch = jax.device_put(batch_np)
+    par = setup_parallelism(cfg)  # the mesh and shardings exactly as the training loop builds them
+    state = init_sharded_state(cfg, par)
+    update = jaxrl_lm.train.make_update(cfg, model_graphdef(cfg.model), state_sharding=par.state_sharding,
+                                        batch_sharding=par.batch_sharding)
+    batch = place_batch(batch_np, par.mesh)
 
     t0 = time.perf_counter()
     compiled = update.lower(state, batch).compile()
@@ -166,6 +192,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
         "config": name,
         "device": jax.devices()[0].device_kind,
         "n_devices": jax.device_count(),
+        "mesh": "x".join(str(v) for v in par.mesh.shape.values()),
         "dtype": cfg.model.dtype,
         "batch": p["batch"],
         "seq_len": p["seq_len"],
@@ -181,6 +208,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
         "achieved_gflops": round(flops.total / step_s / 1e9, 1),
         "matmul_peak_gflops": round(peak, 1),
         "mfu": round(flops.total / step_s / (peak * 1e9), 3),
+        "state_per_device_gb": round(state_bytes_per_device(state)["total"] / gb, 3),
         "mem_argument_gb": round(mem.argument_size_in_bytes / gb, 3),
         "mem_output_gb": round(mem.output_size_in_bytes / gb, 3),
         "mem_temp_gb": round(mem.temp_size_in_bytes / gb, 3),
@@ -200,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", help=argparse.SUPPRESS)  # internal: run one preset in this process
     args = ap.parse_args(argv)
     if args.preset:
-        special = {LOADER_PRESET: run_loader, DECODE_PRESET: run_decode}
+        special = {LOADER_PRESET: run_loader, DECODE_PRESET: run_decode, MESH_PRESET: run_mesh_bytes}
         run = special.get(args.preset, lambda a: run_preset(args.preset, a))
         print(json.dumps(run(args)), flush=True)
         return
@@ -208,8 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in PRESETS:
         if not name.startswith(args.only):
             continue
+        env = dict(os.environ)
+        if name == MESH_PRESET:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
         proc = subprocess.run([sys.executable, __file__, "--preset", name] + passthrough,
-                              capture_output=True, text=True, env=dict(os.environ))
+                              capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(json.dumps({"config": name, "error": proc.stderr.strip().splitlines()[-1:]}), flush=True)
             continue

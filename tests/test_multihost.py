@@ -35,18 +35,14 @@ def worker_env() -> dict[str, str]:
             "XLA_FLAGS": " ".join(flags + ["--xla_force_host_platform_device_count=2"])}
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_on_four_devices(tmp_path):
-    port = free_port()
-    logs = [(tmp_path / f"worker{i}.log").open("w") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "--process-id", str(i), "--num-processes", "2",
-                               "--port", str(port), "--steps", str(STEPS), "--out", str(tmp_path / "out")],
-                              env=worker_env(), cwd=WORKER.parent.parent, stdout=log, stderr=subprocess.STDOUT)
-             for i, log in enumerate(logs)]
+def run_two_processes(commands, tmp_path, name, meanwhile=lambda: None):
+    """Runs ``python COMMAND`` for each of the two processes (2 host devices each), calls ``meanwhile()`` while
+    they run, and returns its result once both exit 0; the processes are always killed and reaped."""
+    logs = [(tmp_path / f"{name}{i}.log").open("w") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, *command], env=worker_env(), cwd=WORKER.parent.parent, stdout=log,
+                              stderr=subprocess.STDOUT) for command, log in zip(commands, logs)]
     try:
-        # The single-process reference runs here, on 4 of this session's 8 devices, while the workers start.
-        cfg = make_cfg(mesh__data=2, mesh__fsdp=2)
-        ref_losses, ref_state = train_steps(cfg, sharding.setup_parallelism(cfg, jax.devices()[:4]), STEPS)
+        result = meanwhile()
         codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
     finally:
         for p in procs:
@@ -55,8 +51,22 @@ def test_two_processes_match_one_process_on_four_devices(tmp_path):
                 p.wait()
         for log in logs:
             log.close()
-    output = "\n".join(f"--- worker {i}\n{(tmp_path / f'worker{i}.log').read_text()[-3000:]}" for i in range(2))
+    output = "\n".join(f"--- {name} {i}\n{(tmp_path / f'{name}{i}.log').read_text()[-3000:]}" for i in range(2))
     assert codes == [0, 0], output
+    return result
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_four_devices(tmp_path):
+    port = free_port()
+    commands = [[str(WORKER), "--process-id", str(i), "--num-processes", "2", "--port", str(port),
+                 "--steps", str(STEPS), "--out", str(tmp_path / "out")] for i in range(2)]
+
+    def reference():  # runs here, on 4 of this session's 8 devices, while the workers start
+        cfg = make_cfg(mesh__data=2, mesh__fsdp=2)
+        return train_steps(cfg, sharding.setup_parallelism(cfg, jax.devices()[:4]), STEPS)
+
+    ref_losses, ref_state = run_two_processes(commands, tmp_path, "worker", meanwhile=reference)
     run = json.loads((tmp_path / "out" / "losses.json").read_text())
     assert (run["processes"], run["devices"]) == (2, 4)
     np.testing.assert_allclose(run["losses"], ref_losses, atol=1e-5)
@@ -112,21 +122,7 @@ def test_checkpoint_of_a_two_process_run_restores_in_one_process(tmp_path):
     common = ["--config", "configs/demo.yaml", "--no-progress", f"mesh.coordinator_address=127.0.0.1:{port}",
               "mesh.num_processes=2", "train.steps=3", "train.log_every=3", "data.task_episodes=100",
               "model.n_layers=1", f"train.out_dir={out}"]
-    logs = [(tmp_path / f"train{i}.log").open("w") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "scripts/train.py", *common, f"mesh.process_id={i}"],
-                              env=worker_env(), cwd=WORKER.parent.parent, stdout=log, stderr=subprocess.STDOUT)
-             for i, log in enumerate(logs)]
-    try:
-        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    output = "\n".join(f"--- process {i}\n{(tmp_path / f'train{i}.log').read_text()[-3000:]}" for i in range(2))
-    assert codes == [0, 0], output
+    run_two_processes([["scripts/train.py", *common, f"mesh.process_id={i}"] for i in range(2)], tmp_path, "train")
 
     directory = out / "checkpoints"
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
