@@ -351,3 +351,9 @@ def test_make_task_data_script_writes_data_and_stats(tmp_path):
     assert len(episodes) == 30 and stats["episodes"] == 30
     assert stats["normalisation"]["optimal"] == pytest.approx(-6.84)
     assert stats["dataset"]["mean_return"] == pytest.approx(np.mean([e["meta"]["return"] for e in episodes]))
+
+
+def test_every_registered_task_is_an_env_of_the_same_name():
+    for name in envs.task_names():
+        assert name in envs.env_names()
+        assert isinstance(envs.make_env(name).reset(0), str)

@@ -26,7 +26,7 @@ from collections import deque
 
 import numpy as np
 
-from jaxrl_lm.envs.base import Policy, Transcript, register_env
+from jaxrl_lm.envs.base import Policy, Transcript
 from jaxrl_lm.envs.tasks import ANCHOR_BEHAVIOUR, TaskSpec, register_task
 
 WALK_STEPS = 4
@@ -162,7 +162,6 @@ def behaviour_policy(seed: int, p_random: float = 0.8) -> Policy:
     return act
 
 
-register_env("grid", GridEnv)
 register_task(
     TaskSpec(
         name="grid",

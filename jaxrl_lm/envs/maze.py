@@ -25,7 +25,7 @@ from collections import deque
 
 import numpy as np
 
-from jaxrl_lm.envs.base import Policy, Transcript, register_env
+from jaxrl_lm.envs.base import Policy, Transcript
 from jaxrl_lm.envs.tasks import TaskSpec, register_task
 
 DOUBLE_T_MAZE = (
@@ -146,7 +146,6 @@ def _register() -> None:
     that must infer its position can reach, as in LMRL-Gym's tables.
     """
     for name, partial in (("maze", False), ("maze_po", True)):
-        register_env(name, functools.partial(MazeEnv, partial=partial))
         register_task(
             TaskSpec(
                 name=name,

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxrl_lm.envs.base import Env, Episode, Policy, rollout
+from jaxrl_lm.envs.base import Env, Episode, Policy, register_env, rollout
 from jaxrl_lm.envs.normalize import TaskStats
 
 # Dataset anchors: the 50 mark is the dataset's mean return, unless the dataset's episodes are not whole
@@ -70,9 +70,11 @@ _TASKS: dict[str, TaskSpec] = {}
 
 
 def register_task(spec: TaskSpec, overwrite: bool = False) -> None:
-    """Add a task to the table that :func:`get_task` and ``scripts/make_task_data.py`` read."""
+    """Add a task to the table that :func:`get_task` and ``scripts/make_task_data.py`` read, and its env to the
+    env registry under the same name (``make_env(spec.name)``)."""
     if spec.name in _TASKS and not overwrite:
         raise ValueError(f"register_task: {spec.name!r} is already registered; pass overwrite=True to replace it")
+    register_env(spec.name, spec.make_env, overwrite=overwrite)
     _TASKS[spec.name] = spec
 
 

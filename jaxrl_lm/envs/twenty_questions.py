@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from jaxrl_lm.envs.base import Policy, Transcript, register_env
+from jaxrl_lm.envs.base import Policy, Transcript
 from jaxrl_lm.envs.tasks import TaskSpec, register_task
 
 MAX_TURNS = 20
@@ -186,7 +186,6 @@ def behaviour_policy(seed: int, p_question: float = 0.5, p_consistent_guess: flo
     return act
 
 
-register_env("twenty_questions", TwentyQuestionsEnv)
 register_task(
     TaskSpec(
         name="twenty_questions",

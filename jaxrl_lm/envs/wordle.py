@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxrl_lm.envs.base import Policy, Transcript, register_env
+from jaxrl_lm.envs.base import Policy, Transcript
 from jaxrl_lm.envs.tasks import TaskSpec, register_task
 
 MAX_GUESSES = 6
@@ -223,7 +223,6 @@ def behaviour_policy(seed: int, p_consistent: float = 0.5) -> Policy:
     return act
 
 
-register_env("wordle", WordleEnv)
 register_task(
     TaskSpec(
         name="wordle",
