@@ -55,6 +55,7 @@ def test_script_prints_statistics(built, capsys):
     assert f"rejected {jsonl}:61: json: not valid JSON" in printed.err
     summary = json.loads(printed.out[printed.out.index("{"):])
     assert summary["episodes"] == 60 and summary["rejected"] == 1 and summary["truncated"] > 0
+    assert summary["windows"] > 60  # long episodes were split into windows of whole turns
     assert set(summary["return"]) == {"mean", "min", "max", "q05", "q25", "q50", "q75", "q95"}
     assert 0 < summary["action_token_fraction"] < 1
 
@@ -64,7 +65,8 @@ def test_records_readable_with_plain_tfds(built):
     path = find_dataset_dir(out)
     source = tfds.builder_from_directory(str(path)).as_data_source("train")
     by_name = tfds.data_source("jaxrl_episodes", data_dir=str(out), split="train")
-    assert len(source) == len(by_name) == 60
+    assert len(source) == len(by_name) > 60  # one record per window
+    assert len({r["id"].split(b"/")[0] for r in source}) == 60
     first = source[0]
     assert first["id"] == b"syn-5-0" and first["tokens"][0] == TOK.bos_id
     assert json.loads(first["meta"]) == {"seed": 5}

@@ -11,6 +11,7 @@ from jaxrl_lm.data import (
     load_tokenizer,
     parse_episode,
     tokenize_episode,
+    tokenize_episode_windows,
     tokenize_episodes,
 )
 
@@ -147,3 +148,48 @@ def test_episode_without_decision_is_counted_not_dropped_silently():
     summary = stats.summary()
     assert summary["episodes"] == 1 and summary["no_decision"] == 1 and summary["truncated"] == 1
     assert summary["tokens"] == 8 and summary["action_token_fraction"] == pytest.approx(2 / 8)
+
+
+LONG = parse_episode({"id": "long", "done": True, "turns": [
+    {"role": "observation", "text": "o0"}, {"role": "action", "text": "a0", "reward": -1.0},
+    {"role": "observation", "text": "o1"}, {"role": "action", "text": "a1", "reward": -2.0},
+    {"role": "observation", "text": "o2"}, {"role": "action", "text": "a2", "reward": 0.0},
+]})  # 3 tokens a turn with its EOT: 19 tokens in all
+
+
+def test_split_windows_overlap_by_one_observation_and_lose_no_action():
+    windows = tokenize_episode_windows(LONG, TOK, seq_len=11, truncate_side="split")
+    # [BOS] o0 a0 o1 (10 tokens; o0 a0 o1 a1 would be 13) | [BOS] o1 a1 o2 | [BOS] o2 a2 (7 tokens, the end)
+    assert [w.id for w in windows] == ["long", "long/1", "long/2"]
+    assert [w.truncated for w in windows] == [True, True, False]
+    first, middle, last = (w.arrays for w in windows)
+    _assert_arrays(first, {
+        "tokens": [BOS, *ids("o0"), EOT, *ids("a0"), EOT, *ids("o1"), EOT],
+        "action_mask": [0, 0, 0, 0, 1, 1, 1, 0, 0, 0],
+        "reward": [0, 0, 0, 0, 0, 0, -1.0, 0, 0, 0],
+        "done": [0] * 10,
+        "turn_ids": [0, 0, 0, 0, 1, 1, 1, 2, 2, 2],
+    })
+    assert middle["tokens"].tolist() == [BOS, *ids("o1"), EOT, *ids("a1"), EOT, *ids("o2"), EOT]
+    assert middle["turn_ids"].tolist() == [2] * 4 + [3] * 3 + [4] * 3 and not middle["done"].any()
+    assert last["tokens"].tolist() == [BOS, *ids("o2"), EOT, *ids("a2"), EOT]
+    assert last["done"].tolist() == [0, 0, 0, 0, 0, 0, 1]  # the episode really ended in the last window
+    rewards = np.concatenate([w.arrays["reward"] for w in windows])
+    assert sorted(rewards[rewards != 0].tolist()) == [-2.0, -1.0]  # each action's reward exactly once
+    assert all(len(w.arrays["tokens"]) <= 11 and w.has_decision for w in windows)
+
+
+def test_split_keeps_a_short_episode_whole_and_is_the_default():
+    (whole,) = tokenize_episode_windows(EPISODE, TOK, seq_len=64, truncate_side="split")
+    _assert_arrays(whole.arrays, FULL)
+    assert not whole.truncated
+    from jaxrl_lm.config import DataConfig
+    assert DataConfig().truncate_side == "split"
+
+
+def test_split_window_that_cannot_close_on_an_observation_is_cut_and_counted():
+    # seq_len 5: [BOS] o0 a0 is 7 tokens, so turn 0 alone is cut right; the next window starts at o1.
+    stats = DataStats()
+    kept = list(tokenize_episodes([LONG], TOK, seq_len=5, truncate_side="split", stats=stats))
+    assert all(len(w.arrays["tokens"]) <= 5 for w in kept)
+    assert len(stats.no_decision) == 3  # o0, o1, o2 windows hold no action token: reported, not lost silently

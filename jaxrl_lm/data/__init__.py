@@ -10,7 +10,7 @@
 The token layout is documented in ``jaxrl_lm.data.convert``; the schema in ``jaxrl_lm.data.episodes``.
 """
 
-from jaxrl_lm.data.convert import TOKEN_FIELDS, TokenizedEpisode, layout, tokenize_episode, tokenize_episodes, truncate
+from jaxrl_lm.data.convert import TOKEN_FIELDS, TokenizedEpisode, layout, tokenize_episode, tokenize_episode_windows, tokenize_episodes, truncate
 from jaxrl_lm.data.episodes import (
     Episode,
     EpisodeError,
@@ -35,5 +35,5 @@ __all__ = [
     "TokenizedEpisode", "Turn", "build_char_tokenizer", "build_dataset", "episodes_to_batch", "find_dataset_dir",
     "iter_episodes", "jsonl_records", "layout", "load_source", "load_tokenizer", "loader_throughput",
     "make_loader", "memory_records", "open_dataset", "packing_efficiency", "parse_episode", "read_jsonl",
-    "synthetic_episodes", "to_global_batch", "tokenize_episode", "tokenize_episodes", "truncate", "write_jsonl",
+    "synthetic_episodes", "to_global_batch", "tokenize_episode", "tokenize_episode_windows", "tokenize_episodes", "truncate", "write_jsonl",
 ]

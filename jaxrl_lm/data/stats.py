@@ -19,25 +19,29 @@ class DataStats:
     Attributes:
       rejected: invalid lines skipped in ``skip_invalid`` mode.
       no_decision: ``"source: id ...: reason"`` for valid episodes left out because no action token fit.
-      episodes, tokens, action_tokens, truncated: over the kept episodes (tokens after truncation).
-      returns: each kept episode's return (sum of its rewards, before truncation).
+      episodes, windows, tokens, action_tokens, truncated: over the kept episodes and their windows (one per
+        episode unless ``truncate_side`` is ``"split"``; tokens after truncation; truncated counts windows).
+      returns: each kept episode's return (sum of its rewards, before truncation), once per episode.
     """
 
     rejected: list[Rejection] = dataclasses.field(default_factory=list)
     no_decision: list[str] = dataclasses.field(default_factory=list)
     episodes: int = 0
+    windows: int = 0
     tokens: int = 0
     action_tokens: int = 0
     truncated: int = 0
     returns: list[float] = dataclasses.field(default_factory=list)
 
-    def add(self, action_mask: np.ndarray, truncated: bool, episode_return: float) -> None:
-        """Counts one kept episode. ``action_mask``: ``[n] int32``."""
-        self.episodes += 1
+    def add(self, action_mask: np.ndarray, truncated: bool, episode_return: float, first_window: bool = True) -> None:
+        """Counts one kept window; ``first_window`` also counts its episode. ``action_mask``: ``[n] int32``."""
+        self.windows += 1
         self.tokens += int(action_mask.shape[0])
         self.action_tokens += int(action_mask.sum())
         self.truncated += int(truncated)
-        self.returns.append(float(episode_return))
+        if first_window:
+            self.episodes += 1
+            self.returns.append(float(episode_return))
 
     def summary(self) -> dict[str, Any]:
         """JSON-able figures: counts, action-token fraction, return distribution (mean/min/max/quantiles)."""
@@ -50,6 +54,7 @@ class DataStats:
             ret.update({f"q{round(q * 100):02d}": float(v) for q, v in zip(RETURN_QUANTILES, quantiles)})
         return {
             "episodes": self.episodes,
+            "windows": self.windows,
             "tokens": self.tokens,
             "action_token_fraction": self.action_tokens / self.tokens if self.tokens else 0.0,
             "return": ret,
