@@ -610,7 +610,11 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, *,
 
     Writes ``config.json``, ``generation_config.json`` (sampling at temperature 1 with no top-k/top-p cut, so that
     ``generate(do_sample=True)`` samples the exported policy itself; stops at end-of-turn or EOS),
-    ``model*.safetensors``, the tokenizer files, ``q_heads.safetensors`` and ``q_heads.json``.
+    ``model*.safetensors``, the tokenizer files, ``q_heads.safetensors`` and ``q_heads.json``. Example::
+
+        out = jaxrl_lm.export_hf(state.params, cfg.model, "runs/demo-hf", tokenizer=cfg.data.tokenizer,
+                                 target_params=state.target_params)
+        model = transformers.AutoModelForCausalLM.from_pretrained(out)    # logits [B, L, vocab_size]
     """
     if policy not in ("bc", "ilql", "q"):
         raise ValueError(f"policy must be 'bc', 'ilql' or 'q', got {policy!r}")

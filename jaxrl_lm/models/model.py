@@ -94,12 +94,19 @@ class QTransformer(nnx.Module):
         return self.v_head(h)
 
 
-def build(cfg: ModelConfig, seed: int = 0) -> QTransformer:
+def build(cfg: ModelConfig, seed: int | jax.Array = 0) -> QTransformer:
     """A freshly initialised ``QTransformer`` (float32 parameters) for ``cfg``.
 
     The constructor runs under one jit: eager initialisation would compile every parameter shape separately
     (about 20 s for GPT-2 small on 2 CPU cores, against 8 s jitted). Parameters carry logical axis names as
-    metadata only (no mesh is needed here); the training code places them on its mesh.
+    metadata only (no mesh is needed here); the training code places them on its mesh. ``seed`` may be a traced
+    int32 scalar, so that ``jax.vmap`` builds many seeds' models in one compile (``train.seeds.init_states``).
+
+    Example::
+
+        model = jaxrl_lm.build_model(cfg.model, seed=0)
+        hidden = model.hidden(tokens, positions, segment_ids)   # [B, L] int32 each -> [B, L, D] float32
+        graphdef, params = jaxrl_lm.split_model(model)          # what init_state and make_update take
     """
     with nnx.use_eager_sharding(False):
-        return nnx.jit(lambda: QTransformer(cfg, nnx.Rngs(params=seed)))()
+        return nnx.jit(lambda: QTransformer(cfg, nnx.Rngs(params=jax.random.key(seed))))()

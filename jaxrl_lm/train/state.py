@@ -72,9 +72,25 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def init_state(cfg: Config, params: Params, seed: int | None = None) -> TrainState:
-    """A fresh TrainState; the target copy starts equal to the online parameters (as separate buffers)."""
+def init_state(cfg: Config, params: Params | None = None, seed: int | jax.Array | None = None) -> TrainState:
+    """A fresh TrainState, from ``params`` or from the config alone.
+
+    Args:
+      cfg: the run's Config (its optimizer, target scope and, without ``params``, its model).
+      params: a parameter dict (``split_model(model)[1]``, ``import_hf(...)[1]``); None builds the model of
+        ``cfg.model`` from ``seed``.
+      seed: draws the model's initial parameters (when built here) and the dropout key; default ``train.seed``.
+        A traced int32 scalar works too (``jax.vmap`` over seeds: ``train.seeds.init_states``).
+
+    The target copy starts equal to the online parameters (as separate buffers); ``step`` and ``skipped`` are
+    int32 scalars at 0, ``rng`` is ``[2] uint32`` key data. Example::
+
+        state = jaxrl_lm.init_state(cfg)                  # a new model, as scripts/train.py starts one
+        state = jaxrl_lm.init_state(cfg, params, seed=3)  # given parameters, dropout key from seed 3
+    """
     seed = cfg.train.seed if seed is None else seed
+    if params is None:
+        params = split_model(models.build(cfg.model, seed=seed))[1]
     target = {k: jax.tree.map(jnp.copy, params[k]) for k in target_keys(cfg)}
     return TrainState(
         params=params,
@@ -86,14 +102,9 @@ def init_state(cfg: Config, params: Params, seed: int | None = None) -> TrainSta
     )
 
 
-def fresh_state(cfg: Config) -> TrainState:
-    """The TrainState a new run starts from: the model of ``cfg.model`` built with ``train.seed``."""
-    return init_state(cfg, split_model(models.build(cfg.model, seed=cfg.train.seed))[1])
-
-
 def abstract_train_state(cfg: Config) -> TrainState:
-    """``fresh_state(cfg)`` as ``jax.ShapeDtypeStruct`` leaves; nothing is allocated."""
-    return jax.eval_shape(lambda: fresh_state(cfg))
+    """``init_state(cfg)`` as ``jax.ShapeDtypeStruct`` leaves; nothing is allocated."""
+    return jax.eval_shape(lambda: init_state(cfg))
 
 
 def model_graphdef(model_cfg: ModelConfig) -> nnx.GraphDef:

@@ -19,7 +19,7 @@ from flax import nnx
 from jaxrl_lm.batch import segment_positions
 from jaxrl_lm.config import Config
 from jaxrl_lm.rl import Heads, bellman_objective, count_decisions
-from jaxrl_lm.train.state import Params, TrainState, make_optimizer
+from jaxrl_lm.train.state import Params, TrainState, make_optimizer, model_graphdef
 
 # Metrics that are parts of the loss (already normalised by the whole batch) add up over micro-batches; counts
 # add up too; every other metric is a per-micro-batch average and is averaged.
@@ -136,17 +136,34 @@ def _micro_sharding(batch_sharding: Any) -> jax.sharding.NamedSharding | None:
     return jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
 
 
-def make_update(cfg: Config, graphdef: nnx.GraphDef, *, state_sharding: Any = None, batch_sharding: Any = None):
-    """``jax.jit`` of ``build_update_fn`` with the state donated (and explicit shardings when given).
+def make_update(cfg: Config, graphdef: nnx.GraphDef | None = None, *, state_sharding: Any = None,
+                batch_sharding: Any = None):
+    """The jitted optimizer step ``update(state, batch) -> (state, metrics)`` for ``cfg``.
+
+    Args:
+      cfg: the run's Config (loss, optimizer, ``optim.grad_accum`` micro-batches, target EMA).
+      graphdef: the model's static graph (``split_model(model)[0]``); default ``model_graphdef(cfg.model)``.
+      state_sharding, batch_sharding: explicit in/out shardings (``train.sharding.setup_parallelism``); without
+        them XLA places everything (one device, or wherever the inputs already live).
+
+    The returned function takes a ``TrainState`` and a batch, a dict of ``[B, L]`` arrays (``jaxrl_lm.batch``:
+    ``tokens``, ``action_mask``, ``done``, ``segment_ids``, ``turn_ids`` int32, ``reward`` float32; numpy is
+    fine), and returns the next state and a dict of float32 scalar device arrays: ``loss`` and its terms
+    ``q_loss``, ``v_loss``, ``cql_loss``, ``bc_loss``; ``q_mean``, ``v_mean``, ``target_mean``, ``td_error``,
+    ``cql_gap``, ``grad_norm``; counts ``tokens``, ``decisions``, ``decisions_dropped``, ``skipped``; and
+    ``update_applied`` (0 when the non-finite guard rejected the step). It is ``jax.jit`` of
+    ``build_update_fn``: it compiles once per batch shape (``update._cache_size()``), and the state is
+    donated, so keep only the returned one.
 
     Example::
 
-        model = jaxrl_lm.models.build(cfg.model)
-        graphdef, params = jaxrl_lm.train.split_model(model)
-        state = jaxrl_lm.train.init_state(cfg, params)
-        update = jaxrl_lm.train.make_update(cfg, graphdef)
-        state, metrics = update(state, batch)   # batch: dict of [B, L] arrays (jaxrl_lm.batch)
+        cfg = jaxrl_lm.load_config("configs/demo.yaml")
+        state = jaxrl_lm.init_state(cfg)
+        update = jaxrl_lm.make_update(cfg)
+        for batch in jaxrl_lm.batches(cfg, steps=100):
+            state, metrics = update(state, batch)     # float(metrics["loss"]) waits for the step
     """
+    graphdef = model_graphdef(cfg.model) if graphdef is None else graphdef
     fn = build_update_fn(cfg, graphdef, _micro_sharding(batch_sharding) if cfg.optim.grad_accum > 1 else None)
     if state_sharding is None and batch_sharding is None:
         return jax.jit(fn, donate_argnums=0)
