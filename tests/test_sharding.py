@@ -144,6 +144,16 @@ def test_dims_a_mesh_axis_does_not_divide_are_replicated_and_counted():
         sharding.setup_parallelism(replace(par_cfg, mesh__max_replicated_fraction=0.02))
 
 
+def test_a_vocabulary_the_tensor_axis_does_not_divide_names_the_padding_key():
+    cfg = mesh_cfg((2, 1, 4), model__vocab_size=250)  # no fsdp: the replication check alone would let it pass
+    with pytest.raises(ConfigError, match=r"vocab: 250 not divisible by tensor=4, .* set "
+                                          r"model.vocab_pad_multiple=4 \(or a multiple of it, e.g. 128\)"):
+        sharding.setup_parallelism(cfg)
+    wte = next(p for p in sharding.setup_parallelism(replace(cfg, model__vocab_pad_multiple=4)).placements
+               if p.path == "transformer.wte.embedding")
+    assert wte.shape == (252, 64) and wte.spec == P("tensor", None)
+
+
 def test_replication_check_names_the_biggest_replicated_params():
     rules = [["vocab", "tensor"], ["heads", "tensor"], ["mlp", "tensor"], ["layers", None]]
     with pytest.raises(ConfigError) as err:

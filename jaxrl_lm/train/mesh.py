@@ -4,7 +4,9 @@ Axis order is network intensity: ``data`` (one gradient all-reduce per step) out
 (parameter all-gathers every layer), then ``tensor`` (activation collectives inside every matmul), so
 ``mesh_utils`` puts the chattiest axes on the fastest links. With ``mesh.num_slices > 1`` the mesh is hybrid:
 ``data`` is split into ``num_slices`` groups across slices (TPU multi-slice over DCN, or GPU nodes over the
-data-centre network), while ``fsdp`` and ``tensor`` stay inside one slice.
+data-centre network), while ``fsdp`` and ``tensor`` stay inside one slice. ``mesh.topology`` names the slice a
+config is for: a run on other devices stops at ``check_topology``, and ``train/aot.py`` builds this very mesh
+from that slice's compile-only devices on a machine without it.
 
 Batches are split over ``(data, fsdp)`` along their row axis: every process contributes its loader's
 ``[B / process_count, L]`` rows and together they form the global ``[B, L]`` batch.
@@ -22,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrl_lm.config import MESH_AXES, ConfigError, MeshConfig
 from jaxrl_lm.data.loader import to_global_batch
+from jaxrl_lm.topology import parse_topology
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -51,8 +54,9 @@ def device_grid(m: MeshConfig, devices: Sequence[jax.Device]) -> np.ndarray:
         return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     ici = (shape[0] // m.num_slices, shape[1], shape[2])
     dcn = (m.num_slices, 1, 1)
-    # TPU devices know their slice; elsewhere (GPU nodes) each process is one granule of the slow network.
-    attr = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
+    # TPU devices know their slice; elsewhere (GPU nodes) each process is one granule of the slow network. GPU
+    # devices carry a slice_index too, but it is 0 on every node, so only a TPU's is asked.
+    attr = "slice_index" if devices[0].platform == "tpu" else "process_index"
     granules = len({getattr(d, attr) for d in devices})
     if granules != m.num_slices:
         raise ConfigError(f"mesh.num_slices is {m.num_slices} but the devices form {granules} "
@@ -61,9 +65,25 @@ def device_grid(m: MeshConfig, devices: Sequence[jax.Device]) -> np.ndarray:
                                                 allow_split_physical_axes=True)
 
 
+def check_topology(m: MeshConfig, devices: Sequence[jax.Device]) -> None:
+    """With ``mesh.topology`` set, ``devices`` must be that slice (times ``mesh.num_slices``): as many devices,
+    all of its chip. So a pod run and ``scripts/aot_compile.py`` that read the same config compile the same
+    program, and a run on the wrong machine stops here rather than on a mesh nobody checked."""
+    if not m.topology:
+        return
+    topology = parse_topology(m.topology, m.num_slices)
+    kinds = sorted({d.device_kind for d in devices})
+    if len(devices) != topology.n_devices or kinds != [topology.chip.device_kind]:
+        raise ConfigError(f"mesh.topology is {m.topology!r} ({topology.describe()}) but the devices here are "
+                          f"{len(devices)} x {' + '.join(kinds)}; run on that slice, or set mesh.topology='' to "
+                          f"use the devices present (scripts/aot_compile.py checks a topology from any machine)")
+
+
 def make_mesh(m: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The ``Mesh`` with axes ``("data", "fsdp", "tensor")`` over ``devices`` (default: every device)."""
+    """The ``Mesh`` with axes ``("data", "fsdp", "tensor")`` over ``devices`` (default: every device), which
+    must be the slice ``mesh.topology`` names when it names one."""
     devices = list(jax.devices() if devices is None else devices)
+    check_topology(m, devices)
     return Mesh(device_grid(m, devices), MESH_AXES)
 
 

@@ -9,7 +9,8 @@ optimizer moments follow their parameters (``optax.tree_map_params`` finds the p
 optimizer state); counters, schedules and the RNG key are replicated.
 
 ``setup_parallelism`` does it all at start-up and refuses a run (``fsdp > 1``) whose rules leave more than
-``mesh.max_replicated_fraction`` of the parameter bytes replicated::
+``mesh.max_replicated_fraction`` of the parameter bytes replicated, or whose padded vocabulary the mesh axis
+of its ``vocab`` rule does not divide (``check_vocab_padding``)::
 
     distributed.initialize(cfg)                          # first: before anything touches a device
     par = setup_parallelism(cfg)
@@ -33,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxrl_lm import models
 from jaxrl_lm.config import Config, ConfigError, ModelConfig, ShardingRule
 from jaxrl_lm.train.mesh import batch_sharding, check_batch_size, make_mesh
-from jaxrl_lm.train.state import Params, TrainState, abstract_train_state, fresh_state, make_optimizer
+from jaxrl_lm.train.state import Params, TrainState, abstract_train_state, init_state, make_optimizer
 
 WEIGHT_AXES = ("fsdp", "tensor")  # the axes parameters are meant to be split over; data keeps whole copies
 _LISTED = 5  # replicated parameters named in the start-up error
@@ -183,6 +184,37 @@ def check_replication(placements: Sequence[Placement], mesh: Mesh, max_fraction:
     )
 
 
+def check_vocab_padding(cfg: Config, mesh: Mesh) -> None:
+    """A ConfigError naming ``model.vocab_pad_multiple`` when the ``vocab`` rules want the vocabulary split over
+    mesh axes (larger than 1) and none of them divides the padded vocabulary: the embedding and the LM and
+    Q-head output matrices, the largest of the model, would stay whole on every device.
+
+    A check rather than padding derived from the mesh: parameter shapes must not depend on the mesh, or a
+    checkpoint would not restore onto another one. ``mesh.max_replicated_fraction: 1.0`` allows it.
+    """
+    if cfg.mesh.max_replicated_fraction >= 1.0:
+        return
+    vocab = cfg.model.padded_vocab_size
+    wanted = []  # (mesh axes, size) of each vocab rule before the first null one
+    for logical, axes in cfg.mesh.rules:
+        axes = _mesh_axes(axes) if logical == "vocab" else ()
+        if axes is None:
+            break
+        size = math.prod(mesh.shape[a] for a in axes)
+        if size > 1:
+            wanted.append(("x".join(axes), size))
+    if not wanted or any(vocab % size == 0 for _, size in wanted):
+        return
+    label, size = wanted[0]
+    m = cfg.model
+    raise ConfigError(
+        f"vocab: {vocab} not divisible by {label}={size}, so the vocabulary would be replicated on every device. "
+        f"model.vocab_pad_multiple = {m.vocab_pad_multiple} pads model.vocab_size = {m.vocab_size} to {vocab}; set "
+        f"model.vocab_pad_multiple={math.lcm(m.vocab_pad_multiple, size)} (or a multiple of it, e.g. 128), or "
+        f"mesh.max_replicated_fraction=1.0 to accept the replication."
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # TrainState shardings and placement.
 
@@ -239,10 +271,13 @@ def state_bytes_per_device(state: TrainState) -> dict[str, int]:
 
 def compiled_bytes_per_device(compiled: jax.stages.Compiled) -> dict[str, int]:
     """One device's buffers of a compiled step (``update.lower(state, batch).compile()``), from XLA's memory
-    analysis: arguments (state + batch), outputs, temporaries, and outputs aliased to donated arguments."""
+    analysis: arguments (state + batch), outputs, temporaries, outputs aliased to donated arguments, the
+    generated code (which an accelerator keeps in its own memory) and ``peak``, the high-water mark of XLA's
+    simulation of the program's allocations (what has to fit; the sizes above are not simultaneous)."""
     mem = compiled.memory_analysis()
     return {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
-            "temp": mem.temp_size_in_bytes, "alias": mem.alias_size_in_bytes}
+            "temp": mem.temp_size_in_bytes, "alias": mem.alias_size_in_bytes,
+            "code": mem.generated_code_size_in_bytes, "peak": mem.peak_memory_in_bytes}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,10 +314,12 @@ class Parallelism:
 
 
 def setup_parallelism(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Parallelism:
-    """Mesh, shardings and the replication check for ``cfg`` over ``devices`` (default: every device of every
-    process). Call ``jaxrl_lm.distributed.initialize(cfg)`` before it in multi-process runs."""
+    """Mesh, shardings and the start-up checks (batch split, vocabulary padding, replication) for ``cfg`` over
+    ``devices`` (default: every device of every process). Call ``jaxrl_lm.distributed.initialize(cfg)`` before
+    it in multi-process runs."""
     mesh = make_mesh(cfg.mesh, devices)
     check_batch_size(cfg.data.batch_size, cfg.optim.grad_accum, mesh)
+    check_vocab_padding(cfg, mesh)
     specs, placements = plan_params(cfg, mesh)
     fraction = check_replication(placements, mesh, cfg.mesh.max_replicated_fraction)
     shapes = abstract_train_state(cfg)
@@ -292,6 +329,6 @@ def setup_parallelism(cfg: Config, devices: Sequence[jax.Device] | None = None) 
 
 
 def init_sharded_state(cfg: Config, par: Parallelism) -> TrainState:
-    """``fresh_state(cfg)`` initialised directly on its shardings (no device or host ever holds a whole copy);
+    """``init_state(cfg)`` initialised directly on its shardings (no device or host ever holds a whole copy);
     its graph is ``model_graphdef(cfg.model)``."""
-    return jax.jit(lambda: fresh_state(cfg), out_shardings=par.state_sharding)()
+    return jax.jit(lambda: init_state(cfg), out_shardings=par.state_sharding)()
