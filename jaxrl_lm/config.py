@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from jaxrl_lm.topology import TopologyError, parse_topology
+
+# Scientific notation YAML 1.1 leaves as a string ("1e-3", "-2E+4").
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,10 +87,11 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    backup: Literal["expectile", "max", "sarsa"] = "expectile"
+    backup: Literal["expectile", "max", "sarsa", "mc"] = "expectile"
     time_step: Literal["token", "utterance"] = "token"
     gamma: float = 0.99
     expectile_tau: float = 0.7
+    lambda_q: float = 1.0
     lambda_v: float = 1.0
     cql_alpha: float = 0.1
     cql_temperature: float = 1.0
@@ -120,12 +127,13 @@ class DataConfig:
     tokenizer: str = ""  # tokenizer.json or HF directory; "" = the built-in byte tokenizer
     seq_len: int = 128
     batch_size: int = 8
-    truncate_side: Literal["left", "right"] = "left"
+    truncate_side: Literal["split", "left", "right"] = "split"
     pack: bool = True
     shuffle: bool = True
     skip_invalid: bool = False
     seed: int = 0
     num_epochs: int = 0  # passes over the episodes; 0 = repeat forever
+    top_return_fraction: float = 1.0  # keep only the episodes with the top fraction of returns (filtered BC)
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -151,6 +159,7 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     num_slices: int = 1  # > 1: a hybrid mesh whose data axis spans slices (the slow interconnect)
+    topology: str = ""  # "" = the devices present; "v5p-128", "v5e:4x4", "h100-8": see jaxrl_lm/topology.py
     rules: tuple[ShardingRule, ...] = DEFAULT_SHARDING_RULES
     max_replicated_fraction: float = 0.02
     distributed: Literal["auto", "on", "off"] = "auto"
@@ -172,6 +181,18 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # steps between evaluations of the policies during training (and at the last step); 0 = off
+    task: str = ""  # built-in task to play; "" = the task of data.path task:NAME
+    policies: tuple[str, ...] = ("bc", "ilql")  # policy extractions to evaluate (rl/policy.py: bc | ilql | q)
+    beta: float = 4.0  # ilql advantage weight
+    temperature: float = 0.0  # 0 = greedy
+    episodes: int = 0  # evaluation episodes; 0 = every start of the task once
+    batch_size: int = 64  # episodes rolled out together
+    max_new_tokens: int = 32  # token budget of one action turn
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     rl: RLConfig = RLConfig()
@@ -179,6 +200,7 @@ class Config:
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,6 +242,8 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}{where}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is plainly a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}{where}")
         return float(value)
@@ -341,6 +365,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
       path: YAML file; None means ``configs/base.yaml``.
       overrides: ``["model.n_layers=4", ...]``; values are parsed as YAML scalars.
       **kw: the same as keyword arguments, with ``__`` for the dot: ``model__n_layers=4``.
+
+    A relative ``path`` that does not exist from the working directory is read from the repository root, so a
+    notebook in any folder can say::
+
+        cfg = jaxrl_lm.load_config("configs/demo.yaml", data__batch_size=8, rl__backup="max")
     """
     sources: dict[str, str] = {}
     tree = _read_yaml(resolve_path(path or "configs/base.yaml"), sources)
@@ -413,7 +442,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rl.awr_max_weight must be positive, got {rl.awr_max_weight}")
     if rl.value_min is not None and rl.value_max is not None and rl.value_min >= rl.value_max:
         raise ConfigError(f"rl.value_min ({rl.value_min}) must be below rl.value_max ({rl.value_max})")
-    for key, v in {"rl.lambda_v": rl.lambda_v, "rl.cql_alpha": rl.cql_alpha, "rl.lambda_bc": rl.lambda_bc,
+    if not 0.0 < d.top_return_fraction <= 1.0:
+        raise ConfigError(f"data.top_return_fraction must be in (0, 1], got {d.top_return_fraction}")
+    for key, v in {"rl.lambda_q": rl.lambda_q, "rl.lambda_v": rl.lambda_v, "rl.cql_alpha": rl.cql_alpha, "rl.lambda_bc": rl.lambda_bc,
                    "rl.awr_beta": rl.awr_beta, "optim.weight_decay": o.weight_decay,
                    "optim.grad_clip": o.grad_clip, "model.dropout": m.dropout}.items():
         if v < 0:
@@ -425,6 +456,33 @@ def validate(cfg: Config) -> None:
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be at least 1, got {cfg.train.keep_checkpoints}")
     validate_mesh(cfg.mesh)
+    validate_eval(cfg)
+
+
+def eval_task(cfg: Config) -> str:
+    """The built-in task the training loop evaluates on: ``eval.task``, else the task of ``data.path task:NAME``."""
+    if cfg.eval.task:
+        return cfg.eval.task
+    return cfg.data.path[len("task:"):] if cfg.data.path.startswith("task:") else ""
+
+
+def validate_eval(cfg: Config) -> None:
+    """The ``eval`` section; each error names the key."""
+    e = cfg.eval
+    if e.every < 0:
+        raise ConfigError(f"eval.every must be >= 0 (0 = off), got {e.every}")
+    for key, v in {"eval.episodes": e.episodes, "eval.batch_size": e.batch_size - 1,
+                   "eval.max_new_tokens": e.max_new_tokens - 1}.items():
+        if v < 0:
+            raise ConfigError(f"{key} must be {'>= 0' if key == 'eval.episodes' else 'positive'}, got {v}")
+    bad = [k for k in e.policies if k not in ("bc", "ilql", "q")]
+    if bad or not e.policies:
+        raise ConfigError(f"eval.policies: {bad or 'empty'}; choose from bc, ilql, q")
+    if e.temperature < 0:
+        raise ConfigError(f"eval.temperature must be >= 0 (0 = greedy), got {e.temperature}")
+    if e.every and not eval_task(cfg):
+        raise ConfigError(f"eval.every is {e.every} but there is no task to play: set eval.task (data.path "
+                          f"{cfg.data.path!r} is not a built-in task:NAME)")
 
 
 def validate_mesh(mesh: MeshConfig) -> None:
@@ -445,6 +503,11 @@ def validate_mesh(mesh: MeshConfig) -> None:
         if not logical or unknown or len(set(named)) != len(named):
             raise ConfigError(f"mesh.rules[{i}]: {[logical, axes]!r} must be [logical axis, mesh axis | "
                               f"[distinct mesh axes] | null] with mesh axes from {list(MESH_AXES)}")
+    if mesh.topology:
+        try:
+            parse_topology(mesh.topology, mesh.num_slices)
+        except TopologyError as e:
+            raise ConfigError(str(e)) from None
     if mesh.num_processes < 0 or mesh.process_id < -1:
         raise ConfigError(f"mesh.num_processes ({mesh.num_processes}) must be >= 0 (0 = from the environment) and "
                           f"mesh.process_id ({mesh.process_id}) >= -1 (-1 = from the environment)")

@@ -26,7 +26,7 @@ import numpy as np
 import scipy.stats
 
 from jaxrl_lm import envs
-from jaxrl_lm.config import Config, ModelConfig
+from jaxrl_lm.config import Config, ModelConfig, eval_task
 from jaxrl_lm.envs.normalize import TaskStats
 from jaxrl_lm.envs.tasks import TaskSpec, get_task
 from jaxrl_lm.policy import Policy, describe, load_policy
@@ -130,12 +130,40 @@ def evaluate_params(cfg: Config | ModelConfig, params: Params, task: str, *, epi
     calling every N training steps: the decoder is compiled once per shape and reused by later calls.
 
     ``task_stats`` defaults to ``load_task_stats(task, cfg)`` when ``cfg`` is a full ``Config``; the normalised
-    fields are left out for a bare ``ModelConfig`` without stats.
+    fields are left out for a bare ``ModelConfig`` without stats. ``max_turns`` defaults to the task's
+    ``context_turns``.
     """
     if task_stats is None and isinstance(cfg, Config):
         task_stats = load_task_stats(task, cfg)
+    policy_kw.setdefault("max_turns", get_task(task).context_turns)
     policy = load_policy(params, cfg=cfg, **policy_kw)
     return evaluate_policy(policy, task, episodes=episodes, task_stats=task_stats, batch_size=batch_size)
+
+
+# Summary fields logged as eval/<policy>/<field> during training (jaxrl_lm.train.loop).
+TRAINING_FIELDS = ("normalized_score", "mean_return", "success_rate", "mean_steps")
+
+
+def evaluate_training_policies(cfg: Config, params: Params, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Evaluates ``params`` as each policy of ``cfg.eval.policies`` on ``eval_task(cfg)`` with the ``eval``
+    section's knobs (what the training loop runs every ``eval.every`` steps). One result per policy, each
+    with ``"records"`` removed and ``"policy"`` describing its knobs."""
+    e = cfg.eval
+    task = eval_task(cfg)
+    results = []
+    for kind in e.policies:
+        result = evaluate_params(cfg, params, task, episodes=e.episodes or None, batch_size=e.batch_size,
+                                 kind=kind, beta=e.beta, temperature=e.temperature,
+                                 max_new_tokens=e.max_new_tokens, seed=seed)
+        result.pop("records")
+        results.append(result)
+    return results
+
+
+def training_metrics(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """``{"eval/<policy>/<field>": value}`` for TensorBoard, metrics.jsonl and keep-best ranking."""
+    return {f"eval/{r['policy']['kind']}/{field}": float(r[field])
+            for r in results for field in TRAINING_FIELDS if field in r}
 
 
 _COLUMNS = (("task", "task", "{}"), ("policy", "policy", "{}"), ("episodes", "episodes", "{}"),

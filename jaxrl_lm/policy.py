@@ -8,8 +8,10 @@ The prompt of an episode is laid out exactly as the data pipeline lays out the s
 encoded alone, so the model sees at decision time what it was trained on. The turns come from the transcript:
 its ``turns`` attribute (turn texts, or turn dicts with ``"text"``) when it carries one, else the rendered
 string split at its newlines (``envs.render_transcript`` ends every turn with one; a turn whose text holds a
-newline cannot be recovered from the string alone). A prompt longer than the context keeps BOS and its most
-recent tokens (the data pipeline's ``truncate_side: left``).
+newline cannot be recovered from the string alone). Turns alternate observation, action, ... from an
+observation, and a prompt that does not fit the context (or holds more than ``max_turns`` turns) keeps the most
+recent whole turns from an observation on, as the data pipeline's windows do (``truncate_side: split``); only
+when not even the last observation fits does it keep BOS and that turn's last tokens.
 
 The action is the decoded turn up to its EOT (or the token budget). Special tokens other than the stop tokens
 (BOS, PAD) are never sampled, so every action is plain text that encodes back to the tokens the model chose
@@ -53,6 +55,21 @@ def prompt_tokens(turns: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
     return np.concatenate([[tokenizer.bos_id]] + [np.append(w, tokenizer.eot_id) for w in ids]).astype(np.int32)
 
 
+def window_prompt(turns: Sequence[str], tokenizer: Tokenizer, max_len: int,
+                  max_turns: Optional[int] = None) -> np.ndarray:
+    """The prompt of the most recent whole turns that fit (module docstring). Returns ``[n <= max_len] int32``.
+
+    ``turns`` alternate observation / action from an observation at index 0, so a window starts at an even index.
+    """
+    lengths = np.array([len(w) + 1 for w in tokenizer.encode_batch(list(turns))], np.int64)
+    suffix_tokens = 1 + np.cumsum(lengths[::-1])[::-1]  # [BOS] + turns k.. for each k
+    starts = [k for k in range(0, len(turns), 2)
+              if suffix_tokens[k] <= max_len and (max_turns is None or len(turns) - k <= max_turns)]
+    if starts:
+        return prompt_tokens(turns[starts[0]:], tokenizer)
+    return truncate_left(prompt_tokens(turns[-1:], tokenizer), max_len)
+
+
 def truncate_left(tokens: np.ndarray, max_len: int) -> np.ndarray:
     """BOS plus the last ``max_len - 1`` tokens when ``tokens`` is longer than ``max_len`` (data layout "left")."""
     if len(tokens) <= max_len:
@@ -87,16 +104,20 @@ class Policy:
       cfg: the ``ModelConfig``. params: the parameter dict. tokenizer: the data pipeline's tokenizer.
       spec, sampling: the decoding knobs (``jaxrl_lm.generate``).
       max_prompt_len: longest prompt kept (``context_len - max_new_tokens``).
+      max_turns: most turns of history a prompt keeps (None = as many whole turns as fit).
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, *, spec: DecodeSpec,
                  sampling: Sampling, context_len: int, seed: int = 0,
-                 allowed_tokens: Optional[Sequence[int]] = None):
+                 allowed_tokens: Optional[Sequence[int]] = None, max_turns: Optional[int] = None):
         if tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but model.vocab_size is "
                              f"{cfg.vocab_size}: load the tokenizer the model was trained with (data.tokenizer)")
         if context_len > cfg.max_seq_len:
             raise ValueError(f"context_len {context_len} exceeds model.max_seq_len {cfg.max_seq_len}")
+        if max_turns is not None and max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1 (or None = as many as fit), got {max_turns}")
+        self.max_turns = max_turns
         self.max_prompt_len = context_len - spec.max_new_tokens
         if self.max_prompt_len < 2:
             raise ValueError(f"max_new_tokens {spec.max_new_tokens} leaves no room for a prompt in the "
@@ -110,7 +131,7 @@ class Policy:
 
     def prompts(self, transcripts: Sequence[str]) -> list[np.ndarray]:
         """Each transcript's prompt tokens, laid out and truncated as the data pipeline would. ``[n_i] int32``."""
-        return [truncate_left(prompt_tokens(transcript_turns(t), self.tokenizer), self.max_prompt_len)
+        return [window_prompt(transcript_turns(t), self.tokenizer, self.max_prompt_len, self.max_turns)
                 for t in transcripts]
 
     def batch(self, prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +198,7 @@ def load_policy(
     step: Optional[int] = None,
     context_len: Optional[int] = None,
     allowed_tokens: Optional[Sequence[int]] = None,
+    max_turns: Optional[int] = None,
     seed: int = 0,
 ) -> Policy:
     """A ``Policy`` from a checkpoint or from parameters.
@@ -194,7 +216,15 @@ def load_policy(
         capped at ``model.max_seq_len``; a bare ``ModelConfig`` uses ``max_seq_len``.
       allowed_tokens: ids an action may contain (EOT / EOS are always allowed); default every real id but
         BOS and PAD.
+      max_turns: most recent turns a prompt keeps (None: as many whole turns as fit the context); set it to the
+        longest history the training episodes hold when evaluation episodes run longer than them
+        (``TaskSpec.context_turns``), so the model never reads positions it was not trained on.
       seed: of the sampling PRNG (each call draws a fresh key from it).
+
+    Example::
+
+        policy = jaxrl_lm.load_policy(state.params, "ilql", cfg=cfg, beta=4.0, temperature=0.0)
+        policy(["at 25\\n"])                           # -> ["go 19"]: one action text per transcript
     """
     if isinstance(source, (str, Path)):
         saved_cfg, params, _ = restore_params(source, step)
@@ -211,7 +241,7 @@ def load_policy(
             model_cfg.max_seq_len
     spec = DecodeSpec(kind=kind, top_k=top_k, max_new_tokens=max_new_tokens, best_of=best_of)
     return Policy(model_cfg, params, tokenizer, spec=spec, sampling=Sampling.make(beta, temperature, top_p),
-                  context_len=context_len, seed=seed, allowed_tokens=allowed_tokens)
+                  context_len=context_len, seed=seed, allowed_tokens=allowed_tokens, max_turns=max_turns)
 
 
 def describe(policy: Policy) -> dict[str, Any]:
@@ -219,4 +249,5 @@ def describe(policy: Policy) -> dict[str, Any]:
     s = policy.sampling
     return {"kind": policy.spec.kind, "beta": float(s.beta), "temperature": float(s.temperature),
             "top_k": policy.spec.top_k, "top_p": float(s.top_p), "best_of": policy.spec.best_of,
-            "max_new_tokens": policy.spec.max_new_tokens, "max_prompt_len": policy.max_prompt_len}
+            "max_new_tokens": policy.spec.max_new_tokens, "max_prompt_len": policy.max_prompt_len,
+            "max_turns": policy.max_turns}

@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
     parser.add_argument("--best-of", type=int, default=1, help="candidate turns per step; highest Q wins")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="token budget of one action turn")
+    parser.add_argument("--max-turns", type=int, default=None,
+                        help="most recent turns a prompt keeps; default: the task's context_turns (or all that fit)")
     parser.add_argument("--episodes", type=int, default=None, help="default: every evaluation start once")
     parser.add_argument("--batch-size", type=int, default=64, help="episodes rolled out together")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step; default: the newest")
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params, step = restore_params(args.checkpoint, args.step)
     policy = load_policy(params, args.policy, cfg=cfg, beta=args.beta, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, best_of=args.best_of,
-                         max_new_tokens=args.max_new_tokens, seed=args.seed)
+                         max_new_tokens=args.max_new_tokens, seed=args.seed,
+                         max_turns=args.max_turns or envs.get_task(args.task).context_turns)
     stats = load_task_stats(args.task, cfg, args.stats)
     result = evaluate_policy(policy, args.task, episodes=args.episodes, task_stats=stats,
                              batch_size=args.batch_size)

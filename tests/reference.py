@@ -146,6 +146,14 @@ def ref_objective(
     targets = np.zeros((B, L))
     awr_weights = np.zeros((B, L))
     n_kept = 0
+
+    def return_to_go(b: int, i: int) -> float:
+        """Discounted return from decision i to its segment's end, following n(i) (0 past the last decision)."""
+        if not dec[b, i]:
+            return 0.0
+        j = int(tr["next_index"][b, i])
+        return tr["reward"][b, i] + (1.0 - tr["done"][b, i]) * tr["discount"][b, i] * return_to_go(b, j)
+
     for b in range(B):
         for i in range(L):
             if not kept[b, i]:
@@ -160,6 +168,8 @@ def ref_objective(
                 backup = max(min(qbar[k, b, j, act] for k in range(K)) for act in range(V))
             elif rl.backup == "sarsa":
                 backup = min(qbar[k, b, j, int(tr["next_action"][b, i])] for k in range(K))
+            elif rl.backup == "mc":
+                backup = return_to_go(b, j)
             else:
                 raise ValueError(rl.backup)
             y = tr["reward"][b, i] + (1.0 - tr["done"][b, i]) * tr["discount"][b, i] * backup
@@ -172,7 +182,7 @@ def ref_objective(
             # L_Q
             for k in range(K):
                 sums["q"] += (q[k, b, i, a] - y) ** 2
-                grad_q[k, b, i, a] += 2.0 * (q[k, b, i, a] - y) / N
+                grad_q[k, b, i, a] += rl.lambda_q * 2.0 * (q[k, b, i, a] - y) / N
             # L_V (expectile only)
             min_qbar_taken = min(qbar[k, b, i, a] for k in range(K))
             if rl.backup == "expectile":
@@ -209,7 +219,7 @@ def ref_objective(
     losses = {name: s / N for name, s in sums.items()}
     if rl.backup != "expectile":
         losses["v"] = 0.0
-    loss = losses["q"] + rl.lambda_v * losses["v"] + rl.cql_alpha * losses["cql"] + rl.lambda_bc * losses["bc"]
+    loss = rl.lambda_q * losses["q"] + rl.lambda_v * losses["v"] + rl.cql_alpha * losses["cql"] + rl.lambda_bc * losses["bc"]
     m = max(n_kept, 1)
     per_row = dec.sum(axis=1)
     dropped = 0 if capacity is None else int(np.maximum(per_row - capacity, 0).sum())

@@ -302,6 +302,9 @@ CONFIGS = {
                                          cql_temperature=2.0, lambda_bc=0.5, awr_beta=0.5, value_max=1.0),
     "sarsa-utterance-awr-lower-clip": RLConfig(backup="sarsa", time_step="utterance", gamma=0.85, awr_beta=1.0,
                                                awr_max_weight=2.0, value_min=-0.5),
+    "mc-utterance-half-q-clip": RLConfig(backup="mc", time_step="utterance", gamma=0.8, lambda_q=0.5,
+                                         cql_alpha=0.2, value_min=-1.0),
+    "mc-token": RLConfig(backup="mc", time_step="token", gamma=0.9),
     "expectile-token-q-only": RLConfig(backup="expectile", time_step="token", gamma=0.9, lambda_v=0.0,
                                        cql_alpha=0.0, lambda_bc=0.0),
 }
@@ -392,7 +395,7 @@ def test_q_loss_without_cql_uses_q_at_and_agrees():
     assert_matches_reference(no_cql, loss, without, grads, ref, vocab=VOCAB, batch_shape=(B, L))
 
 
-@pytest.mark.parametrize("backup", ["expectile", "max", "sarsa"])
+@pytest.mark.parametrize("backup", ["expectile", "max", "sarsa", "mc"])
 @pytest.mark.parametrize("cql_alpha, lambda_bc", [(0.0, 0.0), (0.1, 1.0)])
 def test_full_vocabulary_projections_only_when_needed(backup, cql_alpha, lambda_bc):
     """Online Q over the vocabulary only for CQL, target Q only for max / sarsa backups, LM only for BC
@@ -418,7 +421,7 @@ def test_full_vocabulary_projections_only_when_needed(backup, cql_alpha, lambda_
     jax.eval_shape(f, tabs)
     assert ("q_logits" in calls) == (cql_alpha > 0)
     assert ("q_at" in calls) == (cql_alpha == 0)
-    assert ("target_q_logits" in calls) == (backup != "expectile")
+    assert ("target_q_logits" in calls) == (backup in ("max", "sarsa"))
     assert ("lm_logits" in calls) == (lambda_bc > 0)
     assert {"value", "target_q_at"} <= calls
 

@@ -46,3 +46,10 @@ def test_decision_capacity_is_exact_for_decimal_fractions():
     cfg = load_config("configs/base.yaml", rl__decision_fraction=0.07)
     assert decision_capacity(cfg.rl, 100) == 7
     assert decision_capacity(cfg.rl, 101) == 8
+
+
+def test_scientific_notation_without_a_dot_is_a_number():
+    cfg = load_config("configs/demo.yaml", optim__learning_rate="1e-3", rl__value_min="-2E+1")
+    assert cfg.optim.learning_rate == 1e-3 and cfg.rl.value_min == -20.0
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_config("configs/demo.yaml", optim__learning_rate="fast")

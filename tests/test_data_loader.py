@@ -96,7 +96,7 @@ def test_loader_batches_follow_the_contract():
     for batch in _take(loader, 3):
         assert check_batch(batch) == (4, 96)
         assert packing_efficiency(batch) > 0.5
-    assert loader.summary["episodes"] == 40 and loader.num_episodes == 40
+    assert loader.summary["episodes"] == 40 and loader.num_episodes == loader.summary["windows"] >= 40
 
 
 def test_same_seed_same_batches_other_seed_other_order():
@@ -138,7 +138,7 @@ def _epoch_segments(cfg, process_index=0, process_count=1):
 
 
 def _all_episode_tokens():
-    kept = tokenize_episodes(iter_episodes(memory_records(EPISODES)), TOK, seq_len=96, truncate_side="left",
+    kept = tokenize_episodes(iter_episodes(memory_records(EPISODES)), TOK, seq_len=96, truncate_side=CFG.truncate_side,
                              stats=DataStats())
     return sorted(tuple(t.arrays["tokens"].tolist()) for t in kept)
 
@@ -151,7 +151,8 @@ def test_one_epoch_sees_every_episode_once_and_pads_the_last_batch():
 def test_processes_read_disjoint_shares_that_cover_the_data():
     cfg = DataConfig(seq_len=96, batch_size=4, seed=3, num_epochs=1)
     shares = [_epoch_segments(cfg, i, 2) for i in range(2)]
-    assert not set(shares[0]) & set(shares[1])
+    # As multisets (two windows of different episodes can hold the same tokens): together they are the data
+    # exactly once, so they are disjoint and cover it.
     assert sorted(shares[0] + shares[1]) == _all_episode_tokens()
 
 
@@ -181,3 +182,16 @@ def test_layout_and_path_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.path"):
         make_loader(DataConfig(path=str(tmp_path / "nope.jsonl")), tokenizer=TOK)
     assert set(TOKEN_FIELDS) | {"segment_ids"} == set(BATCH_FIELDS)
+
+
+def test_top_return_fraction_keeps_the_best_episodes_for_filtered_bc():
+    from jaxrl_lm.data.loader import top_return_episodes
+    episodes = list(iter_episodes(memory_records(EPISODES)))
+    returns = sorted((ep.episode_return for ep in episodes), reverse=True)
+    best = top_return_episodes(episodes, 0.25)
+    assert len(best) >= 10 and min(ep.episode_return for ep in best) == returns[9]
+    assert [ep.id for ep in best] == [ep.id for ep in episodes if ep.episode_return >= returns[9]]  # order kept
+    loader = make_loader(DataConfig(seq_len=96, batch_size=4, top_return_fraction=0.25), tokenizer=TOK,
+                         episodes=EPISODES)
+    assert loader.summary["episodes"] == len(best)
+    assert loader.summary["return"]["min"] == returns[9]

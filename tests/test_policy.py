@@ -54,7 +54,7 @@ def test_act_drives_a_grid_rollout_and_prompts_match_the_data_pipeline():
             np.testing.assert_array_equal(pol.prompts([transcript])[0], arrays["tokens"][:end])
 
 
-def test_structured_turns_win_over_the_rendered_string_and_long_prompts_keep_bos():
+def test_structured_turns_win_over_the_rendered_string_and_long_prompts_keep_whole_turns():
     turns = [{"role": "observation", "text": "two\nlines"}, {"role": "action", "text": "go 1"},
              {"role": "observation", "text": "at 1"}]
     transcript = Transcript(envs.render_transcript(turns), env=None, index=0)
@@ -65,8 +65,9 @@ def test_structured_turns_win_over_the_rendered_string_and_long_prompts_keep_bos
         transcript_turns("no newline")
     np.testing.assert_array_equal(truncate_left(np.arange(10), 4), [0, 7, 8, 9])
     pol = policy(max_new_tokens=8)
-    long = pol.prompts(["at 1\n" * 40])[0]
-    assert len(long) == pol.max_prompt_len == CFG.max_seq_len - 8 and long[0] == pol.tokenizer.bos_id
+    long = pol.prompts(["at 1\n" * 41])[0]  # 41 turns of 5 tokens; a window starts at an even turn
+    assert pol.max_prompt_len == CFG.max_seq_len - 8 and long[0] == pol.tokenizer.bos_id
+    assert len(long) == 1 + 5 * ((pol.max_prompt_len - 1) // 5) and long[1:5].tolist() == [4 + b for b in b"at 1"]
 
 
 def test_plain_strings_greedy_actions_are_deterministic_and_batch_independent():
@@ -109,3 +110,15 @@ def test_evaluation_summary_report_and_evaluate_params(tmp_path):
     saved = json.loads(js.read_text())
     assert saved[1]["normalized_score"] == result["normalized_score"] and "records" not in saved[1]
     assert len((tmp_path / "grid.episodes.jsonl").read_text().splitlines()) == optimal["episodes"] + 2
+
+
+def test_window_prompt_keeps_whole_recent_turns_from_an_observation():
+    from jaxrl_lm.policy import window_prompt, prompt_tokens
+    tok = build_char_tokenizer()
+    turns = ["at 1", "go 2", "at 2", "go 3", "at 3"]  # 5 tokens a turn with its EOT
+    assert window_prompt(turns, tok, 64).tolist() == prompt_tokens(turns, tok).tolist()
+    assert window_prompt(turns, tok, 16).tolist() == prompt_tokens(turns[2:], tok).tolist()  # all 5 need 26
+    assert window_prompt(turns, tok, 64, max_turns=2).tolist() == prompt_tokens(turns[4:], tok).tolist()
+    assert window_prompt(turns, tok, 64, max_turns=3).tolist() == prompt_tokens(turns[2:], tok).tolist()
+    last = window_prompt(turns, tok, 4)  # not even "at 3" fits: BOS and its last tokens
+    assert last.tolist() == truncate_left(prompt_tokens(turns[4:], tok), 4).tolist()

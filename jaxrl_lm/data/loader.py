@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 import weakref
 from pathlib import Path
@@ -49,7 +50,8 @@ class Loader:
 
     Attributes:
       summary: dataset figures (``DataStats.summary()``: episodes, tokens, rejected, no_decision, ...).
-      num_episodes: episodes in the whole source (all processes).
+      num_episodes: records in the whole source (all processes): episodes, or their windows when
+        ``truncate_side`` is ``"split"``.
     """
 
     def __init__(self, dataset: grain.IterDataset, *, identity: dict[str, Any], summary: dict[str, Any]):
@@ -97,9 +99,24 @@ def _close_box(box: list) -> None:
         box.pop().close()
 
 
+def top_return_episodes(episodes: Iterable[Episode], fraction: float) -> list[Episode]:
+    """The episodes whose return is at least the ``ceil(fraction * n)``-th highest (filtered BC's data); ties at
+    the threshold are all kept, so slightly more than ``fraction`` may pass. Order is preserved."""
+    episodes = list(episodes)
+    if fraction >= 1.0 or not episodes:
+        return episodes
+    returns = np.sort([ep.episode_return for ep in episodes])[::-1]
+    threshold = returns[max(1, math.ceil(fraction * len(episodes))) - 1]
+    return [ep for ep in episodes if ep.episode_return >= threshold]
+
+
 def _tokenized_source(records: Iterable, cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list, DataStats]:
     stats = DataStats()
     episodes = iter_episodes(records, skip_invalid=cfg.skip_invalid, rejected=stats.rejected)
+    if cfg.top_return_fraction < 1.0:
+        episodes = top_return_episodes(episodes, cfg.top_return_fraction)
+        log.info("data: kept %d episodes with the top %.0f%% of returns (data.top_return_fraction)",
+                 len(episodes), 100 * cfg.top_return_fraction)
     tokenized = tokenize_episodes(episodes, tokenizer, seq_len=cfg.seq_len, truncate_side=cfg.truncate_side,
                                   stats=stats)
     source = [ep.arrays for ep in tokenized]
@@ -152,6 +169,9 @@ def load_source(cfg: DataConfig, tokenizer: Tokenizer,
         source, stats = _tokenized_source(memory_records(task_episodes(cfg)), cfg, tokenizer)
         where = cfg.path
     elif Path(cfg.path).is_dir():
+        if cfg.top_return_fraction < 1.0:
+            raise ValueError(f"data.top_return_fraction ({cfg.top_return_fraction}) filters whole episodes before "
+                             f"tokenization; train from the JSONL {cfg.path} was built from, not the built dataset")
         source, meta = open_dataset(cfg.path)
         _check_built(meta, cfg, tokenizer, cfg.path)
         return source, dict(meta.get("stats", {}))

@@ -15,7 +15,11 @@ really reaches the goal. No walk from a start more than ``WALK_STEPS`` moves awa
 optimal path from far away never appears whole: only bootstrapping can join the pieces.
 
 Evaluation: from every non-goal node, cut (truncated) after ``EVAL_STEPS`` actions, so the worst return is -30.
-Because the dataset's walks are not whole evaluation episodes, their mean return (about -3.8) says nothing about
+A model policy reads only the current observation (``TaskSpec.context_turns = 1``): the position is all of the
+state, and the data's walks start at every node, so that one-turn prompt is exactly what the data shows at each
+walk's start (a longer history would be the policy's own moves, which look nothing like the data's random
+walks: with it, even behaviour cloning scored below the behaviour it copies). Because
+the dataset's walks are not whole evaluation episodes, their mean return (about -3.8) says nothing about
 how good the behaviour is; the 50 mark is instead the behaviour policy itself run under the evaluation protocol.
 """
 
@@ -172,5 +176,6 @@ register_task(
         eval_steps=EVAL_STEPS,
         worst_return=-float(EVAL_STEPS),
         anchor=ANCHOR_BEHAVIOUR,
+        context_turns=1,  # the current observation alone: what every data walk shows at its start
     )
 )

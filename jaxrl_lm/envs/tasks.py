@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -39,6 +39,9 @@ class TaskSpec:
       eval_steps: step budget of an evaluation episode.
       worst_return: lowest return possible within ``eval_steps`` (the 0 mark).
       anchor: ``"dataset"`` or ``"behaviour"``; where the 50 mark comes from (see module constants).
+      context_turns: most recent turns an evaluated model policy reads (``load_policy(max_turns=...)``); None =
+        as many as fit its context. Set when evaluation episodes outlast the dataset's, so that a model never
+        reads a longer history (positions it never trained on) than the data showed it.
     """
 
     name: str
@@ -49,6 +52,7 @@ class TaskSpec:
     eval_steps: int
     worst_return: float
     anchor: str = ANCHOR_DATASET
+    context_turns: Optional[int] = None
 
     @functools.cached_property
     def num_instances(self) -> int:

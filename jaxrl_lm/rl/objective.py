@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxrl_lm.config import RLConfig
 from jaxrl_lm.rl import losses
-from jaxrl_lm.rl.transitions import transitions
+from jaxrl_lm.rl.transitions import monte_carlo_returns, transitions
 
 
 class Heads(NamedTuple):
@@ -68,7 +68,7 @@ def bellman_objective(
     vocab_size: int,
     denominator: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """Total loss L = L_Q + lambda_V L_V + alpha_CQL L_CQL + lambda_BC L_BC, and its metrics.
+    """Total loss L = lambda_Q L_Q + lambda_V L_V + alpha_CQL L_CQL + lambda_BC L_BC, and its metrics.
 
     Args:
       rl: the loss configuration.
@@ -108,6 +108,8 @@ def bellman_objective(
 
     if rl.backup == "expectile":
         backup = jax.lax.stop_gradient(heads.value(_gather(jax.lax.stop_gradient(hidden), next_slots)))
+    elif rl.backup == "mc":  # the return-to-go at n(i), so that y_i below is the return-to-go at i
+        backup = _gather(monte_carlo_returns(tr, batch["segment_ids"]), next_slots)
     else:
         target_next = _gather(target_hidden, next_slots)
         backup = losses.max_backup(heads.target_q_logits(target_next), vocab_size)
@@ -139,7 +141,7 @@ def bellman_objective(
     else:
         bc = jnp.float32(0.0)
 
-    loss = q + rl.lambda_v * v + rl.cql_alpha * cql + rl.lambda_bc * bc
+    loss = rl.lambda_q * q + rl.lambda_v * v + rl.cql_alpha * cql + rl.lambda_bc * bc
     q_mean = jnp.mean(jax.lax.stop_gradient(q_taken), axis=0)
     metrics.update(
         loss=loss,

@@ -110,3 +110,24 @@ def transitions(
         next_is_decision=next_is_decision,
         next_action=next_action.astype(jnp.int32),
     )
+
+
+def monte_carlo_returns(tr: Transitions, segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """G_i = r_i + (1 - d_i) g_i G_{n(i)} at decisions, 0 elsewhere, with G = 0 at a segment's last position:
+    the discounted return-to-go inside the segment, never bootstrapped (the ``mc`` backup). ``[B, L] float32``.
+
+    One reverse scan over positions: the carry holds G of the nearest later decision of the same segment, which
+    is G_{n(i)} because n(i) is exactly that decision (or the segment's end, where the carry was reset to 0).
+    """
+    segment_end = _shift_left(segment_ids, -1) != segment_ids  # [B, L]: i is its segment's last position
+
+    def step(carry, x):
+        decision, reward, done, discount, end = x
+        carry = jnp.where(end, 0.0, carry)
+        g = jnp.where(decision, reward + (1.0 - done) * discount * carry, 0.0)
+        return jnp.where(decision, g, carry), g
+
+    xs = (tr.decision, tr.reward, tr.done, tr.discount, segment_end)
+    _, returns = jax.lax.scan(step, jnp.zeros(segment_ids.shape[0], jnp.float32),
+                              tuple(x.T for x in xs), reverse=True)
+    return returns.T

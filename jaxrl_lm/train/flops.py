@@ -68,6 +68,7 @@ def update_flops(cfg: Config, batch_size: int, seq_len: int) -> UpdateFlops:
     heads_trained = (K * q_full if rl.cql_alpha > 0 else K * q_one) + q_one  # Q-heads and the V head
     if rl.lambda_bc > 0:
         heads_trained += 2 * D * V
-    heads_forward = K * q_one + (q_one if rl.backup == "expectile" else K * q_full)
+    backup_forward = {"expectile": q_one, "mc": 0}.get(rl.backup, K * q_full)  # max / sarsa read every action
+    heads_forward = K * q_one + backup_forward
     heads = slots * (3 * heads_trained + heads_forward)
     return UpdateFlops(trunk=trunk, heads=float(heads), per_token=(trunk + heads) / tokens)

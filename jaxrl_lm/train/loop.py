@@ -51,10 +51,12 @@ class MetricsLog:
             self.jsonl = (out_dir / "metrics.jsonl").open("a")
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Scalars go to TensorBoard as ``train/<name>``, or under their own name when it has a ``/``
+        (``eval/<policy>/<field>``)."""
         if not self.enabled:
             return
         for k, v in metrics.items():
-            self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
 
@@ -96,6 +98,21 @@ def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def _evaluate(cfg: Config, state: TrainState, step: int, out_dir: Path, is_main: bool) -> dict[str, float]:
+    """Plays the ``eval`` section's policies with the online parameters; appends each result to
+    ``out_dir/eval.jsonl`` and returns the ``eval/<policy>/<field>`` metrics."""
+    from jaxrl_lm.eval import evaluate_training_policies, training_metrics  # the envs load only when asked
+
+    results = evaluate_training_policies(cfg, state.params, seed=cfg.train.seed)
+    if is_main:
+        with (out_dir / "eval.jsonl").open("a") as f:
+            for r in results:
+                f.write(json.dumps({"step": step, **r}, default=_json_default) + "\n")
+        tqdm.write(f"step {step}: " + ", ".join(
+            f"{r['policy']['kind']} {r.get('normalized_score', r['mean_return']):.1f}" for r in results))
+    return training_metrics(results)
+
+
 def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str, Any]] | None = None,
           resume: bool = False,
           step_hook: Callable[[int, Mapping[str, np.ndarray]], None] | None = None) -> dict:
@@ -103,13 +120,23 @@ def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str,
 
     ``episodes`` (dicts in the JSONL episode format) replace ``data.path`` when given (a notebook's data).
     ``resume`` continues from the newest complete checkpoint in ``<train.out_dir>/checkpoints`` (params,
-    optimizer state, rng and data position; ``train.steps`` may be raised). ``step_hook(step, batch)`` runs on
+    optimizer state, rng and data position; ``train.steps`` may be raised). With ``eval.every`` set, the
+    online policies play ``eval.task`` every that many steps and at the last step (``eval.jsonl``, and
+    ``eval/<policy>/<field>`` in metrics.jsonl and TensorBoard; ``train.keep_best_metric`` may name one, and
+    then every checkpoint step is evaluated too). ``step_hook(step, batch)`` runs on
     the host after each update with the ``[B, L]`` numpy batch it consumed. A SIGTERM saves a checkpoint at
     the next step boundary and returns early with ``preempted: true``.
     """
     out_dir = Path(cfg.train.out_dir)
     is_main = distributed.initialize(cfg).is_main
     start = resume_step(cfg, resume)
+    if cfg.eval.every and jax.process_count() > 1:
+        raise ConfigError("eval.every: evaluation during training runs in a single process; set eval.every=0 and "
+                          "evaluate the checkpoints with scripts/evaluate.py")
+    rank_by_eval = cfg.train.keep_best_metric.startswith("eval/")
+    if rank_by_eval and not cfg.eval.every:
+        raise ConfigError(f"train.keep_best_metric {cfg.train.keep_best_metric!r} is an evaluation metric: set "
+                          f"eval.every")
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -139,6 +166,7 @@ def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str,
     bar = tqdm(total=cfg.train.steps, initial=first - 1, disable=not (progress and is_main), unit="step",
                dynamic_ncols=True)
     last: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
     preempted = False
     window_start, window_steps = time.perf_counter(), 0
     notice = checkpoint.PreemptionNotice().install()
@@ -151,9 +179,14 @@ def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str,
             if step_hook is not None:
                 step_hook(step, batch)
             preempted = notice.reached(step)
-            if preempted or step == cfg.train.steps or (every and step % every == 0):
+            saving = preempted or step == cfg.train.steps or bool(every and step % every == 0)
+            evaluated: dict[str, float] = {}
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps or (saving and rank_by_eval)):
+                evaluated = last_eval = _evaluate(cfg, state, step, out_dir, is_main)
+                log.write(step, evaluated)
+            if saving:
                 checkpoint.save(manager, step, state, loader_state=loader.get_state(), cfg=cfg,
-                                metrics=_host_metrics(metrics))
+                                metrics={**_host_metrics(metrics), **evaluated})
             if preempted:
                 if is_main:
                     tqdm.write(f"SIGTERM: saved the checkpoint of step {step} in {manager.directory}; "
@@ -179,7 +212,7 @@ def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str,
         loader.close()
         manager.close()  # waits for the last asynchronous save
         notice.uninstall()
-    final = {**last, "step": int(state.step), "skipped": int(state.skipped), "preempted": preempted,
+    final = {**last, **last_eval, "step": int(state.step), "skipped": int(state.skipped), "preempted": preempted,
              "resumed_from": start, "data": loader.summary}
     if is_main:
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2, default=_json_default))

@@ -1,0 +1,60 @@
+"""Evaluation during training, and the experiment runner behind scripts/reproduce.py (tiny runs on grid)."""
+
+import json
+
+import pytest
+
+from jaxrl_lm.config import ConfigError, load_config
+from jaxrl_lm.train.experiment import load_experiment, run_experiment
+from jaxrl_lm.train.loop import train
+
+TINY_GRID = dict(model__max_seq_len=64, data__seq_len=64, data__batch_size=8, data__task_episodes=200,
+                 train__steps=4, train__log_every=2, train__checkpoint_every=0, eval__every=2, eval__episodes=3,
+                 eval__max_new_tokens=8, eval__batch_size=8)
+
+
+def test_training_evaluates_every_n_steps_and_ranks_checkpoints_by_an_eval_metric(tmp_path):
+    cfg = load_config("configs/demo.yaml", train__out_dir=str(tmp_path), eval__policies=["q"],
+                      train__keep_best_metric="eval/q/normalized_score", train__keep_best_mode="max",
+                      **{**TINY_GRID, "train__checkpoint_every": 3})
+    final = train(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    # every 2 steps, at the last step, and at the checkpoint of step 3 (ranked by an eval metric)
+    assert [(r["step"], r["policy"]["kind"]) for r in records] == [(2, "q"), (3, "q"), (4, "q")]
+    assert all(r["task"] == "grid" and r["episodes"] == 3 and "normalized_score" in r for r in records)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/q/normalized_score" in m for m in logged)
+    assert final["eval/q/normalized_score"] == records[-1]["normalized_score"]
+
+
+def test_eval_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="eval.task"):
+        load_config("configs/demo.yaml", data__path="episodes.jsonl", eval__every=10)
+    with pytest.raises(ConfigError, match="eval.policies"):
+        load_config("configs/demo.yaml", eval__policies=["greedy"])
+    with pytest.raises(ConfigError, match="keep_best_metric"):
+        train(load_config("configs/demo.yaml", train__keep_best_metric="eval/bc/normalized_score"), progress=False)
+
+
+def test_experiment_runs_every_method_and_seed_and_writes_table_and_plot(tmp_path):
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(
+        "config: " + str(load_config.__globals__["REPO_ROOT"] / "configs/demo.yaml") + "\n"
+        "seeds: [0, 1]\n"
+        "methods:\n"
+        "  bc: {policy: bc, overrides: {rl.lambda_q: 0, rl.lambda_v: 0, rl.cql_alpha: 0}}\n"
+        "  mc: {policy: ilql, overrides: {rl.backup: mc}}\n")
+    exp = load_experiment(spec, {k.replace("__", "."): v for k, v in TINY_GRID.items()})
+    results = run_experiment(exp, tmp_path / "out", progress=False)
+    assert set(results["methods"]) == {"bc", "mc"}
+    for m in results["methods"].values():
+        assert set(m["final"]) == {0, 1} and [s for s, _ in m["curves"][0]] == [2, 4]
+        assert m["min"] <= m["mean"] <= m["max"]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.count("\n") == 4 and "| bc | bc |" in table and "seed 1" in table
+    assert (tmp_path / "out" / "learning_curves.png").stat().st_size > 1000
+    assert len(results["methods"]["mc"]["history"]["loss"][-1]) == 2  # [T, seeds] training metrics
+    again = run_experiment(exp, tmp_path / "out", progress=False)  # finished runs are reused, not retrained
+    assert again["methods"]["bc"]["final"] == results["methods"]["bc"]["final"]
+    with pytest.raises(ConfigError, match="unknown methods"):
+        run_experiment(exp, tmp_path / "out", methods=["nope"])
