@@ -444,8 +444,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rl.value_min ({rl.value_min}) must be below rl.value_max ({rl.value_max})")
     if not 0.0 < d.top_return_fraction <= 1.0:
         raise ConfigError(f"data.top_return_fraction must be in (0, 1], got {d.top_return_fraction}")
-    for key, v in {"rl.lambda_q": rl.lambda_q, "rl.lambda_v": rl.lambda_v, "rl.cql_alpha": rl.cql_alpha, "rl.lambda_bc": rl.lambda_bc,
-                   "rl.awr_beta": rl.awr_beta, "optim.weight_decay": o.weight_decay,
+    for key, v in {"rl.lambda_q": rl.lambda_q, "rl.lambda_v": rl.lambda_v, "rl.cql_alpha": rl.cql_alpha,
+                   "rl.lambda_bc": rl.lambda_bc, "rl.awr_beta": rl.awr_beta, "optim.weight_decay": o.weight_decay,
                    "optim.grad_clip": o.grad_clip, "model.dropout": m.dropout}.items():
         if v < 0:
             raise ConfigError(f"{key} must be non-negative, got {v}")
