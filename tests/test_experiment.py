@@ -27,13 +27,14 @@ def test_training_evaluates_every_n_steps_and_ranks_checkpoints_by_an_eval_metri
     assert final["eval/q/normalized_score"] == records[-1]["normalized_score"]
 
 
-def test_eval_config_errors_name_the_key():
+def test_eval_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="eval.task"):
         load_config("configs/demo.yaml", data__path="episodes.jsonl", eval__every=10)
     with pytest.raises(ConfigError, match="eval.policies"):
         load_config("configs/demo.yaml", eval__policies=["greedy"])
     with pytest.raises(ConfigError, match="keep_best_metric"):
-        train(load_config("configs/demo.yaml", train__keep_best_metric="eval/bc/normalized_score"), progress=False)
+        train(load_config("configs/demo.yaml", train__keep_best_metric="eval/bc/normalized_score",
+                          train__out_dir=str(tmp_path)), progress=False)
 
 
 def test_experiment_runs_every_method_and_seed_and_writes_table_and_plot(tmp_path):

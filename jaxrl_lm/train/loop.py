@@ -129,7 +129,6 @@ def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str,
     """
     out_dir = Path(cfg.train.out_dir)
     is_main = distributed.initialize(cfg).is_main
-    start = resume_step(cfg, resume)
     if cfg.eval.every and jax.process_count() > 1:
         raise ConfigError("eval.every: evaluation during training runs in a single process; set eval.every=0 and "
                           "evaluate the checkpoints with scripts/evaluate.py")
@@ -137,6 +136,7 @@ def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str,
     if rank_by_eval and not cfg.eval.every:
         raise ConfigError(f"train.keep_best_metric {cfg.train.keep_best_metric!r} is an evaluation metric: set "
                           f"eval.every")
+    start = resume_step(cfg, resume)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
