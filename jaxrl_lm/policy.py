@@ -51,8 +51,11 @@ def transcript_turns(transcript: str) -> list[str]:
 
 def prompt_tokens(turns: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
     """``[BOS] w_0 [EOT] ... w_n [EOT]`` for the turn texts ``turns``. Returns ``[1 + sum_k (n_k + 1)] int32``."""
-    ids = tokenizer.encode_batch(list(turns))
-    return np.concatenate([[tokenizer.bos_id]] + [np.append(w, tokenizer.eot_id) for w in ids]).astype(np.int32)
+    return _layout(tokenizer.encode_batch(list(turns)), tokenizer)
+
+
+def _layout(turn_ids: Sequence[np.ndarray], tokenizer: Tokenizer) -> np.ndarray:
+    return np.concatenate([[tokenizer.bos_id]] + [np.append(w, tokenizer.eot_id) for w in turn_ids]).astype(np.int32)
 
 
 def window_prompt(turns: Sequence[str], tokenizer: Tokenizer, max_len: int,
@@ -61,13 +64,14 @@ def window_prompt(turns: Sequence[str], tokenizer: Tokenizer, max_len: int,
 
     ``turns`` alternate observation / action from an observation at index 0, so a window starts at an even index.
     """
-    lengths = np.array([len(w) + 1 for w in tokenizer.encode_batch(list(turns))], np.int64)
+    turn_ids = tokenizer.encode_batch(list(turns))
+    lengths = np.array([len(w) + 1 for w in turn_ids], np.int64)
     suffix_tokens = 1 + np.cumsum(lengths[::-1])[::-1]  # [BOS] + turns k.. for each k
     starts = [k for k in range(0, len(turns), 2)
               if suffix_tokens[k] <= max_len and (max_turns is None or len(turns) - k <= max_turns)]
     if starts:
-        return prompt_tokens(turns[starts[0]:], tokenizer)
-    return truncate_left(prompt_tokens(turns[-1:], tokenizer), max_len)
+        return _layout(turn_ids[starts[0]:], tokenizer)
+    return truncate_left(_layout(turn_ids[-1:], tokenizer), max_len)
 
 
 def truncate_left(tokens: np.ndarray, max_len: int) -> np.ndarray:
