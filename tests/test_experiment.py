@@ -59,3 +59,31 @@ def test_experiment_runs_every_method_and_seed_and_writes_table_and_plot(tmp_pat
     assert again["methods"]["bc"]["final"] == results["methods"]["bc"]["final"]
     with pytest.raises(ConfigError, match="unknown methods"):
         run_experiment(exp, tmp_path / "out", methods=["nope"])
+
+
+def test_experiment_include_replaces_keys_and_resolves_config_where_named(tmp_path):
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "base.yaml").write_text("config: tasks/a.yaml\nseeds: [0, 1]\nmethods:\n  bc: {policy: bc}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "other.yaml").write_text("include: ../base.yaml\nconfig: ../tasks/b.yaml\nseeds: [3]\n")
+    exp = load_experiment(tmp_path / "sub" / "other.yaml")
+    assert exp.name == "other" and exp.seeds == (3,) and [m.name for m in exp.methods] == ["bc"]
+    assert exp.config == (tmp_path / "tasks" / "b.yaml").resolve()
+    assert load_experiment(tmp_path / "base.yaml").config == (tmp_path / "tasks" / "a.yaml").resolve()
+    (tmp_path / "loop.yaml").write_text("include: loop.yaml\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_experiment(tmp_path / "loop.yaml")
+    (tmp_path / "nomethods.yaml").write_text("config: tasks/a.yaml\n")
+    with pytest.raises(ConfigError, match="methods"):
+        load_experiment(tmp_path / "nomethods.yaml")
+    (tmp_path / "missing.yaml").write_text("include: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match="included by"):
+        load_experiment(tmp_path / "missing.yaml")
+
+
+def test_shipped_experiments_load():
+    root = load_config.__globals__["REPO_ROOT"] / "configs" / "reproduce"
+    for path in sorted(root.glob("*.yaml")):
+        exp = load_experiment(path)
+        assert exp.config.exists(), path
+        load_config(exp.config)

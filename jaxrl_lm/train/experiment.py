@@ -11,6 +11,9 @@ of that config plus the policy extraction that scores it::
       bc:   {policy: bc,   overrides: {rl.lambda_q: 0, rl.lambda_v: 0, rl.cql_alpha: 0}}
       ilql: {policy: ilql, overrides: {rl.backup: expectile}}
 
+``include: other.yaml`` (relative to the file) starts from another experiment file, whose keys this file's own
+replace: ``include: maze.yaml`` with ``config: ../tasks/maze_po.yaml`` runs the maze's methods on another task.
+
 All seeds of a method train side by side in one compiled update (``jaxrl_lm.train.seeds.train_seeds``: the
 update under ``jax.vmap``, every seed reading the same batches), and every ``eval.every`` steps and at the end
 each seed's parameters play the task with the method's policy, which gives the learning curves (normalised
@@ -57,12 +60,10 @@ class Experiment:
 def load_experiment(path: str | Path, overrides: Optional[Mapping[str, Any]] = None) -> Experiment:
     """Reads and checks an experiment file; every error names the file and the field."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"experiment file {path} does not exist (see configs/reproduce/)") from None
-    if not isinstance(raw, dict) or set(raw) - {"config", "seeds", "methods"} or "methods" not in raw:
-        raise ConfigError(f"{path}: an experiment has the keys config, seeds, methods; got {sorted(raw or {})}")
+    raw = _read_experiment(path)
+    missing = [key for key in ("config", "methods") if key not in raw]
+    if missing:
+        raise ConfigError(f"{path}: an experiment needs {missing} (here or in a file it includes)")
     seeds = tuple(raw.get("seeds", [0]))
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {raw.get('seeds')!r}")
@@ -71,8 +72,26 @@ def load_experiment(path: str | Path, overrides: Optional[Mapping[str, Any]] = N
         if not isinstance(m, dict) or set(m) - {"policy", "overrides"} or m.get("policy") not in KINDS:
             raise ConfigError(f"{path}: methods.{name} needs policy (one of {list(KINDS)}) and optional overrides")
         methods.append(Method(name, m["policy"], dict(m.get("overrides") or {})))
-    return Experiment(name=path.stem, config=(path.parent / raw.get("config", "")).resolve(), seeds=seeds,
+    return Experiment(name=path.stem, config=raw["config"], seeds=seeds,
                       methods=tuple(methods), overrides=dict(overrides or {}))
+
+
+def _read_experiment(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's keys over those of the file it includes; ``config`` resolved against the file that names it."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: include cycle through {[str(p) for p in seen]}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        where = f" (included by {seen[-1]})" if seen else ""
+        raise FileNotFoundError(f"experiment file {path} does not exist{where} (see configs/reproduce/)") from None
+    if not isinstance(raw, dict) or set(raw) - {"include", "config", "seeds", "methods"}:
+        raise ConfigError(f"{path}: an experiment has the keys include, config, seeds, methods; got "
+                          f"{sorted(raw or {})}")
+    if "config" in raw:
+        raw["config"] = (path.parent / raw["config"]).resolve()
+    base = _read_experiment(path.parent / raw.pop("include"), (*seen, path.resolve())) if "include" in raw else {}
+    return {**base, **raw}
 
 
 def method_config(exp: Experiment, method: Method, out_dir: Path) -> Config:
