@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. train.steps=500")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may follow options, as in the docstring's example
 
 
 def experiment_path(name: str) -> Path:

@@ -1,6 +1,5 @@
 """JSONL -> TFDS (ArrayRecord, no TensorFlow) -> loader gives exactly the in-memory path's batches."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,16 +21,13 @@ from jaxrl_lm.data import (
     synthetic_episodes,
     write_jsonl,
 )
+from script_loader import load_script
 
 TOK = build_char_tokenizer()
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_dataset.py"
 
 
 def _make_dataset_main():
-    spec = importlib.util.spec_from_file_location("make_dataset", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("make_dataset").main
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Text environments: dynamics, rewards, malformed actions, reference returns, normalisation, datasets."""
 
-import importlib.util
 import json
 import re
 from collections import Counter
@@ -11,6 +10,7 @@ import pytest
 
 from jaxrl_lm import envs
 from jaxrl_lm.envs import base, grid, maze, twenty_questions as tq, wordle
+from script_loader import load_script
 
 TASKS = ["grid", "maze", "maze_po", "wordle", "twenty_questions"]
 GARBAGE = ["", "\n", "   ", "go", "go -1", "go 999", "go 1.5", "move", "move diagonal", "MOVE UP!", "xyzzy",
@@ -340,10 +340,7 @@ def test_dataset_determinism_format_and_normalisation_anchors(task, tmp_path):
 
 
 def test_make_task_data_script_writes_data_and_stats(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "scripts" / "make_task_data.py"
-    spec = importlib.util.spec_from_file_location("make_task_data", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_task_data")
     out = tmp_path / "sub" / "maze.jsonl"
     assert module.main(["maze", "--episodes", "30", "--seed", "1", "--out", str(out)]) == 0
     episodes = read_jsonl(out)

@@ -7,6 +7,7 @@ import pytest
 from jaxrl_lm.config import ConfigError, load_config
 from jaxrl_lm.train.experiment import load_experiment, run_experiment
 from jaxrl_lm.train.loop import train
+from script_loader import load_script
 
 TINY_GRID = dict(model__max_seq_len=64, data__seq_len=64, data__batch_size=8, data__task_episodes=200,
                  train__steps=4, train__log_every=2, train__checkpoint_every=0, eval__every=2, eval__episodes=3,
@@ -87,3 +88,10 @@ def test_shipped_experiments_load():
         exp = load_experiment(path)
         assert exp.config.exists(), path
         load_config(exp.config)
+
+
+def test_reproduce_script_takes_overrides_after_options():
+    args = load_script("reproduce").parse_args(["grid", "--seeds", "1", "2", "--out", "o", "train.steps=5",
+                                                "--fresh", "eval.every=5"])
+    assert args.experiment == "grid" and args.seeds == [1, 2] and args.fresh
+    assert args.overrides == ["train.steps=5", "eval.every=5"]

@@ -6,7 +6,6 @@ Reference models are tiny transformers models built here and saved to tmp direct
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -26,11 +25,11 @@ from jaxrl_lm.models import build
 from jaxrl_lm.models.hf import HEADS_JSON, WEIGHTS_INDEX, export_hf, import_hf, read_heads, save_tokenizer
 from jaxrl_lm.models.transformer import init_cache
 from jaxrl_lm.rl.policy import policy_scores
+from script_loader import load_script
 
 TOL = 1e-4
 V = 260  # the byte tokenizer's vocabulary, so every tiny model can carry it
 TEXT = "héllo wörld, 12 tokens!\nnext turn"
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def hf_config(kind: str) -> transformers.PretrainedConfig:
@@ -271,17 +270,10 @@ def test_merged_policy_refused_when_not_exact(tmp_path):
 # Scripts.
 
 
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_import_and_export_scripts(hf_dirs, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
-    import_script, export_script = script("import_hf"), script("export_hf")
+    import_script, export_script = load_script("import_hf"), load_script("export_hf")
     run = tmp_path / "run"
     assert import_script.main([str(hf_dirs["gpt2"]), str(run), "data.seq_len=64", "model.n_q_heads=1"]) == 0
     assert (run / "tokenizer" / "tokenizer.json").is_file()
