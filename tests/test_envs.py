@@ -179,18 +179,20 @@ def test_grid_dataset_holds_short_walks_truncated_unless_at_goal():
     episodes, stats = envs.make_dataset("grid", 400, seed=3)
     goal = grid.GridEnv().graph.goal
     distance = grid.GridEnv().graph.distance
-    starts = Counter()
+    starts, lengths = Counter(), Counter()
     for episode in episodes:
         check_episode(episode, "grid")
         actions = len(episode["turns"]) // 2
         at_goal = episode["turns"][-1]["text"] == f"at {goal}"
         assert episode["done"] == at_goal
-        assert actions == grid.WALK_STEPS or (at_goal and actions < grid.WALK_STEPS)
+        assert 1 <= actions <= grid.MAX_WALK_STEPS
+        lengths[actions] += not at_goal  # a truncated walk ran its whole drawn budget
         start = int(episode["turns"][0]["text"].split()[1])
         starts[start] += 1
-        if distance[start] > grid.WALK_STEPS:
+        if distance[start] > grid.MAX_WALK_STEPS:
             assert not episode["done"], "a far start must never reach the goal within one walk"
     assert len(starts) == 35, "walk starts cover every non-goal node"
+    assert sorted(lengths) == list(range(grid.MIN_WALK_STEPS, grid.MAX_WALK_STEPS + 1)), "every walk length occurs"
     assert 0 < stats["dataset"]["done_fraction"] < 0.5
 
 
@@ -330,7 +332,7 @@ def test_dataset_determinism_format_and_normalisation_anchors(task, tmp_path):
     spec = envs.get_task(task)
     for episode in episodes:
         assert len(episode["turns"]) // 2 <= spec.data_steps
-        assert episode["done"] or len(episode["turns"]) // 2 == spec.data_steps
+        assert episode["done"] or spec.data_min_steps is not None or len(episode["turns"]) // 2 == spec.data_steps
     anchors = envs.TaskStats.from_dict(stats)
     assert anchors.worst == spec.worst_return and anchors.optimal == envs.optimal_return(task)
     if spec.anchor == "dataset":

@@ -30,7 +30,7 @@ because a truncated episode bootstraps from the state it shows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 Episode = dict[str, Any]
 Policy = Callable[[list[str]], list[str]]
@@ -97,7 +97,7 @@ def rollout(
     envs: list[Env],
     act: Policy,
     seeds: list[int],
-    max_steps: int,
+    max_steps: int | Sequence[int],
     task: str,
     first_id: int = 0,
 ) -> list[Episode]:
@@ -107,7 +107,8 @@ def rollout(
       envs: one environment per episode (an env holds one episode at a time).
       act: policy; called once per step with the transcripts of the running episodes only.
       seeds: ``reset`` seed of each env.
-      max_steps: step budget; an episode still running after it is truncated (``done=False``).
+      max_steps: step budget, one for all episodes or one per episode; an episode still running after its
+        budget is truncated (``done=False``).
       task: task name written into ids and ``meta``.
       first_id: number of the first episode in its id (``f"{task}-{first_id:06d}"``), for chunked datasets.
 
@@ -116,14 +117,15 @@ def rollout(
     """
     if len(envs) != len(seeds):
         raise ValueError(f"rollout: got {len(envs)} envs but {len(seeds)} seeds; pass one seed per env")
-    if max_steps < 1:
-        raise ValueError(f"rollout: max_steps must be >= 1, got {max_steps}")
+    budgets = [max_steps] * len(seeds) if isinstance(max_steps, int) else [int(n) for n in max_steps]
+    if len(budgets) != len(seeds) or min(budgets, default=1) < 1:
+        raise ValueError(f"rollout: max_steps must be >= 1, one for all or one per seed; got {max_steps}")
     runs = [
         _Running(env, int(seed), [{"role": "observation", "text": env.reset(int(seed))}])
         for env, seed in zip(envs, seeds)
     ]
     while True:
-        active = [i for i, run in enumerate(runs) if not run.done and run.steps < max_steps]
+        active = [i for i, run in enumerate(runs) if not run.done and run.steps < budgets[i]]
         if not active:
             break
         transcripts = [Transcript(render_transcript(runs[i].turns), runs[i].env, i,

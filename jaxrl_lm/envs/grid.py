@@ -9,10 +9,14 @@ Rewards: -1 per action; the action that enters the goal earns 0 and ends the epi
 so a start ``d`` moves from the goal has optimal return ``-(d - 1)``). An action that is unparseable or names a
 node that is not a neighbour costs -1 and leaves the agent where it is.
 
-Dataset: walks of ``WALK_STEPS`` actions from starts spread uniformly over the graph, mostly random lattice
-moves (some of them illegal because the edge is missing); a walk is truncated (``done=False``) unless it
-really reaches the goal. No walk from a start more than ``WALK_STEPS`` moves away reaches the goal, so an
-optimal path from far away never appears whole: only bootstrapping can join the pieces.
+Dataset: walks of ``MIN_WALK_STEPS .. MAX_WALK_STEPS`` actions (uniform, about 4 on average) from starts spread
+uniformly over the graph, mostly random lattice moves (some of them illegal because the edge is missing); a walk
+is truncated (``done=False``) unless it really reaches the goal. No walk from a start more than
+``MAX_WALK_STEPS`` moves away reaches the goal, so an optimal path from far away never appears whole: only
+bootstrapping can join the pieces. The lengths vary because a truncated walk bootstraps from the value at its
+last observation: with walks all of one length, that position (after the last move) never held a decision in
+any walk, the value there was never trained, and values stopped propagating beyond one walk's length (measured:
+learned V flat at about -2.4 from 5 moves out, against -5 to -12 for the backup's fixed point).
 
 Evaluation: from every non-goal node, cut (truncated) after ``EVAL_STEPS`` actions, so the worst return is -30.
 A model policy reads only the current observation (``TaskSpec.context_turns = 1``): the position is all of the
@@ -33,7 +37,7 @@ import numpy as np
 from jaxrl_lm.envs.base import Policy, Transcript
 from jaxrl_lm.envs.tasks import ANCHOR_BEHAVIOUR, TaskSpec, register_task
 
-WALK_STEPS = 4
+MIN_WALK_STEPS, MAX_WALK_STEPS = 1, 7
 EVAL_STEPS = 30
 _ACTION = re.compile(r"go (\d{1,4})")
 
@@ -172,7 +176,8 @@ register_task(
         make_env=GridEnv,
         behaviour=behaviour_policy,
         optimal=optimal_policy,
-        data_steps=WALK_STEPS,
+        data_steps=MAX_WALK_STEPS,
+        data_min_steps=MIN_WALK_STEPS,
         eval_steps=EVAL_STEPS,
         worst_return=-float(EVAL_STEPS),
         anchor=ANCHOR_BEHAVIOUR,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -35,7 +35,10 @@ class TaskSpec:
       make_env: builds a fresh env.
       behaviour: ``behaviour(seed)`` builds the data-writing policy, random choices drawn from ``seed``.
       optimal: builds the scripted reference policy that defines the 100 mark.
-      data_steps: step budget of a dataset episode (truncated past it).
+      data_steps: step budget of a dataset episode (truncated past it); with ``data_min_steps``, the largest.
+      data_min_steps: when set, each dataset episode's budget is drawn uniformly from ``data_min_steps ..
+        data_steps`` (grid: walks of varied length, so that a walk's last state, where it bootstraps, is a state
+        at which other, longer walks act, and the value there is trained).
       eval_steps: step budget of an evaluation episode.
       worst_return: lowest return possible within ``eval_steps`` (the 0 mark).
       anchor: ``"dataset"`` or ``"behaviour"``; where the 50 mark comes from (see module constants).
@@ -53,6 +56,7 @@ class TaskSpec:
     worst_return: float
     anchor: str = ANCHOR_DATASET
     context_turns: Optional[int] = None
+    data_min_steps: Optional[int] = None
 
     @functools.cached_property
     def num_instances(self) -> int:
@@ -102,11 +106,12 @@ def run_policy(
     task: str | TaskSpec,
     act: Policy,
     seeds: list[int],
-    max_steps: int,
+    max_steps: int | Sequence[int],
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> list[Episode]:
     """Roll ``act`` out on the task for each seed, ``batch_size`` episodes at a time; ids number from 0.
+    ``max_steps``: one step budget for all episodes, or one per seed.
 
     ``progress(n)``, when given, is called after each batch with the number of episodes it finished.
     """
@@ -117,7 +122,8 @@ def run_policy(
     episodes: list[Episode] = []
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start : start + batch_size])
-        episodes += rollout(envs[: len(chunk)], act, chunk, max_steps, spec.name, first_id=start)
+        budgets = max_steps if isinstance(max_steps, int) else list(max_steps[start : start + batch_size])
+        episodes += rollout(envs[: len(chunk)], act, chunk, budgets, spec.name, first_id=start)
         if progress is not None:
             progress(len(chunk))
     return episodes
@@ -167,7 +173,10 @@ def make_dataset(
     rng = np.random.default_rng(seed)
     env_seeds = rng.integers(0, 2**31 - 1, size=episodes).tolist()
     policy_seed = int(rng.integers(0, 2**31 - 1))
-    data = run_policy(spec, spec.behaviour(policy_seed), env_seeds, spec.data_steps, batch_size, progress)
+    budgets = spec.data_steps
+    if spec.data_min_steps is not None:  # drawn after the seeds above, so fixed-budget tasks' data is unchanged
+        budgets = rng.integers(spec.data_min_steps, spec.data_steps + 1, size=episodes).tolist()
+    data = run_policy(spec, spec.behaviour(policy_seed), env_seeds, budgets, batch_size, progress)
     return data, dataset_stats(spec, data, seed)
 
 
