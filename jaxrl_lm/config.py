@@ -127,7 +127,7 @@ class DataConfig:
     tokenizer: str = ""  # tokenizer.json or HF directory; "" = the built-in byte tokenizer
     seq_len: int = 128
     batch_size: int = 8
-    truncate_side: Literal["split", "split_random", "left", "right"] = "split"
+    truncate_side: Literal["split", "left", "right"] = "split"
     pack: bool = True
     shuffle: bool = True
     skip_invalid: bool = False

@@ -20,9 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory (the dataset goes to OUT/jaxrl_episodes/1.0.0)")
     p.add_argument("--tokenizer", default="", help="tokenizer.json or HF tokenizer directory; '' = built-in bytes")
     p.add_argument("--seq-len", type=int, default=128, help="longest episode in tokens; longer ones are cut")
-    p.add_argument("--truncate-side", choices=("split", "split_random", "left", "right"), default="split",
-                   help="split: cut an over-long episode into windows of whole turns (split_random: of random "
-                        "lengths); left: keep its end; right: its start")
+    p.add_argument("--truncate-side", choices=("split", "left", "right"), default="split",
+                   help="split: cut an over-long episode into windows of whole turns; left: keep its end; right: its start")
     p.add_argument("--skip-invalid", action="store_true", help="skip and report invalid lines instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     return p.parse_args(argv)

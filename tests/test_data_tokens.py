@@ -179,24 +179,6 @@ def test_split_windows_overlap_by_one_observation_and_lose_no_action():
     assert all(len(w.arrays["tokens"]) <= 11 and w.has_decision for w in windows)
 
 
-def test_split_random_windows_end_at_random_observations_lose_no_action_and_repeat_per_id():
-    long = parse_episode({"id": "longer", "done": True, "turns": [
-        t for k in range(12) for t in ({"role": "observation", "text": f"o{k % 10}"},
-                                       {"role": "action", "text": f"a{k % 10}", "reward": -1.0 - k})]})
-    runs = [tokenize_episode_windows(long, TOK, seq_len=22, truncate_side="split_random") for _ in range(2)]
-    assert [[w.arrays["tokens"].tolist() for w in r] for r in runs[:1]] == \
-        [[w.arrays["tokens"].tolist() for w in r] for r in runs[1:]], "windows depend on the episode id only"
-    windows = runs[0]
-    actions = [int(w.arrays["action_mask"].sum()) // 3 for w in windows]  # 3 tokens an action with its EOT
-    assert sum(actions) == 12 and set(actions) > {3}, actions  # every action once; not all windows are full
-    longest = tokenize_episode_windows(long, TOK, seq_len=22, truncate_side="split")
-    assert {int(w.arrays["action_mask"].sum()) // 3 for w in longest[:-1]} == {3}  # 1 + 3 * 6 + 3 = 22 tokens
-    rewards = np.concatenate([w.arrays["reward"] for w in windows])
-    assert sorted(rewards[rewards != 0].tolist()) == sorted(-1.0 - k for k in range(12))
-    assert [w.truncated for w in windows] == [True] * (len(windows) - 1) + [False]
-    assert windows[-1].arrays["done"].sum() == 1 and all(len(w.arrays["tokens"]) <= 22 for w in windows)
-
-
 def test_split_keeps_a_short_episode_whole_and_is_the_default():
     (whole,) = tokenize_episode_windows(EPISODE, TOK, seq_len=64, truncate_side="split")
     _assert_arrays(whole.arrays, FULL)

@@ -36,12 +36,6 @@ Truncation, when ``len(x) > seq_len``:
   turn lies in exactly one window. When not even ``[BOS]``, the first observation, an action and the next
   observation fit, the window is the longest prefix of whole turns that does (cut right as above if not one turn
   fits) and the next window starts at the first observation after it.
-- ``"split_random"``: as ``"split"``, but each window of an over-long episode ends at an observation drawn
-  uniformly among those that fit (seeded by the episode id, so the windows are the same on every run) instead of
-  the last one. A window's last position is where it bootstraps, and the value there is trained only where the
-  data acts: with the longest windows every window ends after as many moves as fit, a position at which no
-  window ever acts (an untrained value, read by every window's last action); with random ends, longer windows
-  act where shorter ones end.
 
 An episode whose kept window has no action token has no decision position; it is counted (``DataStats``), not
 silently dropped.
@@ -50,7 +44,6 @@ silently dropped.
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from typing import Iterable, Iterator, Literal
 
 import numpy as np
@@ -58,8 +51,6 @@ import numpy as np
 from jaxrl_lm.data.episodes import Episode
 from jaxrl_lm.data.stats import DataStats
 from jaxrl_lm.data.tokenizer import Tokenizer
-
-TruncateSide = Literal["split", "split_random", "left", "right"]
 
 # Per-token arrays stored for one episode; segment_ids are added when rows are built (packing.py).
 TOKEN_FIELDS: dict[str, np.dtype] = {
@@ -141,10 +132,8 @@ def truncate(arrays: dict[str, np.ndarray], seq_len: int, side: Literal["left", 
     return out, True
 
 
-def split_windows(turn_lens: np.ndarray, is_action: np.ndarray, seq_len: int,
-                  rng: np.random.Generator | None = None) -> list[tuple[int, int]]:
-    """The ``"split"`` windows (module docstring) as inclusive turn ranges ``(a, b)``; with ``rng``, the
-    ``"split_random"`` ones.
+def split_windows(turn_lens: np.ndarray, is_action: np.ndarray, seq_len: int) -> list[tuple[int, int]]:
+    """The ``"split"`` windows (module docstring) as inclusive turn ranges ``(a, b)``.
 
     ``turn_lens``: ``[T]`` tokens of each turn, its EOT included; ``is_action``: ``[T]`` bool.
     """
@@ -158,9 +147,8 @@ def split_windows(turn_lens: np.ndarray, is_action: np.ndarray, seq_len: int,
         # End on an observation after at least one action, so the window's last action has its next state.
         ends = [b for b in range(a + 1, last_fit + 1) if not is_action[b] and is_action[a:b].any()]
         if ends:
-            end = ends[-1] if rng is None else ends[int(rng.integers(len(ends)))]
-            windows.append((a, end))
-            a = end
+            windows.append((a, ends[-1]))
+            a = ends[-1]
             continue
         b = max(last_fit, a)  # the longest whole-turn prefix, or turn a alone (cut right later)
         windows.append((a, b))
@@ -183,10 +171,9 @@ def _window(arrays: dict[str, np.ndarray], starts: np.ndarray, turn_lens: np.nda
 
 
 def tokenize_episode_windows(episode: Episode, tokenizer: Tokenizer, *, seq_len: int,
-                             truncate_side: TruncateSide) -> list[TokenizedEpisode]:
+                             truncate_side: Literal["left", "right", "split"]) -> list[TokenizedEpisode]:
     """Tokenizes and lays out one episode as windows of at most ``seq_len`` tokens: one window unless
-    ``truncate_side`` is ``"split"`` or ``"split_random"`` and the episode is longer. Window ``j > 0`` has id
-    ``"<id>/<j>"``."""
+    ``truncate_side`` is ``"split"`` and the episode is longer. Window ``j > 0`` has id ``"<id>/<j>"``."""
     if seq_len < 2:
         raise ValueError(f"data.seq_len must be at least 2 (BOS and one token), got {seq_len}")
     turn_tokens = tokenizer.encode_batch([t.text for t in episode.turns])
@@ -197,15 +184,14 @@ def tokenize_episode_windows(episode: Episode, tokenizer: Tokenizer, *, seq_len:
                                 arrays=arr, truncated=truncated, terminal=episode.done,
                                 episode_return=episode.episode_return, meta=episode.meta, window=j)
 
-    if truncate_side not in ("split", "split_random"):
+    if truncate_side != "split":
         return [make(*truncate(arrays, seq_len, truncate_side))]
     if arrays["tokens"].shape[0] <= seq_len:
         return [make(arrays, False)]
     turn_lens = np.array([len(w) + 1 for w in turn_tokens], np.int64)
     starts = 1 + np.concatenate([[0], np.cumsum(turn_lens)[:-1]])
     is_action = np.array([t.role == "action" for t in episode.turns])
-    rng = np.random.default_rng(zlib.crc32(episode.id.encode())) if truncate_side == "split_random" else None
-    windows = split_windows(turn_lens, is_action, seq_len, rng)
+    windows = split_windows(turn_lens, is_action, seq_len)
     out = []
     for j, (a, b) in enumerate(windows):
         whole = b == len(turn_lens) - 1
@@ -218,13 +204,13 @@ def tokenize_episode_windows(episode: Episode, tokenizer: Tokenizer, *, seq_len:
 def tokenize_episode(episode: Episode, tokenizer: Tokenizer, *, seq_len: int,
                      truncate_side: Literal["left", "right"]) -> TokenizedEpisode:
     """Tokenizes, lays out and truncates one episode to at most ``seq_len`` tokens (one window)."""
-    if truncate_side in ("split", "split_random"):
+    if truncate_side == "split":
         raise ValueError("tokenize_episode gives one window; use tokenize_episode_windows for truncate_side='split'")
     return tokenize_episode_windows(episode, tokenizer, seq_len=seq_len, truncate_side=truncate_side)[0]
 
 
 def tokenize_episodes(episodes: Iterable[Episode], tokenizer: Tokenizer, *, seq_len: int,
-                      truncate_side: TruncateSide, stats: DataStats) -> Iterator[TokenizedEpisode]:
+                      truncate_side: Literal["left", "right", "split"], stats: DataStats) -> Iterator[TokenizedEpisode]:
     """The usable tokenized windows; each one, and each one left out for having no decision, goes into ``stats``."""
     for ep in episodes:
         for tok in tokenize_episode_windows(ep, tokenizer, seq_len=seq_len, truncate_side=truncate_side):

@@ -20,13 +20,13 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from jaxrl_lm.data.convert import TOKEN_FIELDS, TruncateSide, tokenize_episodes
+from jaxrl_lm.data.convert import TOKEN_FIELDS, tokenize_episodes
 from jaxrl_lm.data.episodes import iter_episodes, jsonl_records
 from jaxrl_lm.data.stats import DataStats
 from jaxrl_lm.data.tokenizer import Tokenizer
@@ -49,7 +49,7 @@ class JaxrlEpisodes(tfds.core.GeneratorBasedBuilder):
         return None
 
     def __init__(self, *, jsonl: str | None = None, tokenizer: Tokenizer | None = None, seq_len: int = 0,
-                 truncate_side: TruncateSide = "split", skip_invalid: bool = False,
+                 truncate_side: Literal["split", "left", "right"] = "split", skip_invalid: bool = False,
                  progress: bool = False, **kwargs: Any):
         self._jsonl, self._tokenizer, self._seq_len = jsonl, tokenizer, seq_len
         self._truncate_side, self._skip_invalid, self._progress = truncate_side, skip_invalid, progress
@@ -97,7 +97,7 @@ class JaxrlEpisodes(tfds.core.GeneratorBasedBuilder):
 
 
 def build_dataset(jsonl: str | Path, out_dir: str | Path, *, tokenizer: Tokenizer, seq_len: int,
-                  truncate_side: TruncateSide = "split", skip_invalid: bool = False,
+                  truncate_side: Literal["split", "left", "right"] = "split", skip_invalid: bool = False,
                   overwrite: bool = False, progress: bool = False) -> tuple[Path, DataStats]:
     """Builds the dataset under ``out_dir``; returns its directory (``out_dir/jaxrl_episodes/1.0.0``) and stats.
 
