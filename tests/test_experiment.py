@@ -95,4 +95,3 @@ def test_reproduce_script_takes_overrides_after_options():
                                                 "--fresh", "eval.every=5"])
     assert args.experiment == "grid" and args.seeds == [1, 2] and args.fresh
     assert args.overrides == ["train.steps=5", "eval.every=5"]
-

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from jaxrl_lm.config import REPO_ROOT
+from jaxrl_lm.envs import get_task
 
 STEPS = 1500
 EPISODES_PER_START = 3
@@ -26,7 +27,7 @@ def test_q_learning_beats_behaviour_cloning_on_grid(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     command = [sys.executable, "scripts/train.py", "--config", "configs/tasks/grid.yaml", "--no-progress",
                f"train.steps={STEPS}", f"eval.every={STEPS}", "eval.policies=[bc,ilql]",
-               f"eval.episodes={35 * EPISODES_PER_START}", f"train.out_dir={tmp_path}"]
+               f"eval.episodes={get_task('grid').num_instances * EPISODES_PER_START}", f"train.out_dir={tmp_path}"]
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((tmp_path / "final_metrics.json").read_text())
