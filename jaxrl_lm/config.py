@@ -62,6 +62,9 @@ class ModelConfig:
     q_head_hidden_mult: int = 2
     q_head_bias: bool = True  # false: no per-action output bias, so a linear head merges exactly into an HF lm_head
     init_std: float = 0.02
+    # What a hidden state reads: the whole episode so far, or only the latest observation turn (a fully observed
+    # task's Markov state; jaxrl_lm.batch.trunk_inputs, jaxrl_lm.policy)
+    context: Literal["history", "observation"] = "history"
 
     @property
     def padded_vocab_size(self) -> int:

@@ -11,7 +11,9 @@ string split at its newlines (``envs.render_transcript`` ends every turn with on
 newline cannot be recovered from the string alone). Turns alternate observation, action, ... from an
 observation, and a prompt that does not fit the context (or holds more than ``max_turns`` turns) keeps the most
 recent whole turns from an observation on, as the data pipeline's windows do (``truncate_side: split``); only
-when not even the last observation fits does it keep BOS and that turn's last tokens.
+when not even the last observation fits does it keep BOS and that turn's last tokens. A model trained with
+``model.context: observation`` reads the latest observation alone, as in training: its prompt is ``w_n [EOT]``,
+without BOS (``jaxrl_lm.batch.observation_windows``).
 
 The action is the decoded turn up to its EOT (or the token budget). Special tokens other than the stop tokens
 (BOS, PAD) are never sampled, so every action is plain text that encodes back to the tokens the model chose
@@ -74,6 +76,15 @@ def window_prompt(turns: Sequence[str], tokenizer: Tokenizer, max_len: int,
     return truncate_left(_layout(turn_ids[-1:], tokenizer), max_len)
 
 
+def observation_prompt(turns: Sequence[str], tokenizer: Tokenizer, max_len: int) -> np.ndarray:
+    """``w_n [EOT]``, the latest turn alone without BOS (``model.context: observation``). ``[n <= max_len] int32``."""
+    tokens = np.append(tokenizer.encode_batch([turns[-1]])[0], tokenizer.eot_id).astype(np.int32)
+    if len(tokens) > max_len:
+        raise ValueError(f"the observation {turns[-1][:40]!r}... is {len(tokens)} tokens, more than the "
+                         f"{max_len}-token prompt budget of this policy (context_len - max_new_tokens)")
+    return tokens
+
+
 def truncate_left(tokens: np.ndarray, max_len: int) -> np.ndarray:
     """BOS plus the last ``max_len - 1`` tokens when ``tokens`` is longer than ``max_len`` (data layout "left")."""
     if len(tokens) <= max_len:
@@ -121,6 +132,9 @@ class Policy:
             raise ValueError(f"context_len {context_len} exceeds model.max_seq_len {cfg.max_seq_len}")
         if max_turns is not None and max_turns < 1:
             raise ValueError(f"max_turns must be >= 1 (or None = as many as fit), got {max_turns}")
+        if cfg.context == "observation" and max_turns not in (None, 1):
+            raise ValueError(f"max_turns {max_turns}: a model with context 'observation' reads the latest "
+                             f"observation alone; pass max_turns=None or 1")
         self.max_turns = max_turns
         self.max_prompt_len = context_len - spec.max_new_tokens
         if self.max_prompt_len < 2:
@@ -135,6 +149,8 @@ class Policy:
 
     def prompts(self, transcripts: Sequence[str]) -> list[np.ndarray]:
         """Each transcript's prompt tokens, laid out and truncated as the data pipeline would. ``[n_i] int32``."""
+        if self.cfg.context == "observation":
+            return [observation_prompt(transcript_turns(t), self.tokenizer, self.max_prompt_len) for t in transcripts]
         return [window_prompt(transcript_turns(t), self.tokenizer, self.max_prompt_len, self.max_turns)
                 for t in transcripts]
 

@@ -122,3 +122,61 @@ def test_window_prompt_keeps_whole_recent_turns_from_an_observation():
     assert window_prompt(turns, tok, 64, max_turns=3).tolist() == prompt_tokens(turns[2:], tok).tolist()
     last = window_prompt(turns, tok, 4)  # not even "at 3" fits: BOS and its last tokens
     assert last.tolist() == truncate_left(prompt_tokens(turns[4:], tok), 4).tolist()
+
+
+def test_observation_windows_split_at_every_observation_turn():
+    from jaxrl_lm.batch import observation_windows, trunk_inputs
+    # Row: episode 1 = [BOS] obs obs EOT | act act EOT | obs EOT | act EOT, episode 2 = [BOS] obs EOT, padding.
+    batch = {
+        "segment_ids": np.array([[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 0, 0]], np.int32),
+        "turn_ids":    np.array([[0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 0, 0, 0, 0, 0]], np.int32),
+        "action_mask": np.array([[0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0]], np.int32),
+    }
+    positions, ids = (np.asarray(a) for a in observation_windows(batch))
+    np.testing.assert_array_equal(positions, [[0, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 0, 1, 0, 0]])
+    np.testing.assert_array_equal(ids, [[1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 4, 5, 5, 6, 7]])
+    history_positions, history_ids = (np.asarray(a) for a in trunk_inputs(batch, "history"))
+    np.testing.assert_array_equal(history_ids, batch["segment_ids"])
+    np.testing.assert_array_equal(history_positions[0, :11], np.arange(11))
+
+
+def test_observation_context_reads_the_latest_observation_exactly_as_the_policy_prompts_it():
+    """Every observation of a packed training row yields the hidden state (and so Q, V and the LM's scores) of
+    the policy prompted with that observation alone: a split window's last observation is a decision state."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxrl_lm.batch import trunk_inputs
+    from jaxrl_lm.data import episodes_to_batch
+
+    cfg = dataclasses.replace(CFG, context="observation")
+    pol = load_policy(params(), "bc", cfg=cfg, max_new_tokens=8, temperature=0.0)
+    with pytest.raises(ValueError, match="latest observation alone"):
+        load_policy(params(), "bc", cfg=cfg, max_turns=3)
+    episodes = envs.rollout([envs.make_env("grid") for _ in range(2)], envs.get_task("grid").optimal(), [3, 20],
+                            max_steps=[3, 1], task="grid")
+    tok = pol.tokenizer
+    arrays = [tokenize_episode(parse_episode(e), tok, seq_len=64, truncate_side="right").arrays for e in episodes]
+    batch = episodes_to_batch(arrays, seq_len=64)
+    assert batch["tokens"].shape[0] == 1 and batch["segment_ids"].max() == 2  # both episodes packed in one row
+    model = nnx.merge(pol.graphdef, params())
+    positions, ids = trunk_inputs({k: jnp.asarray(v) for k, v in batch.items()}, "observation")
+    hidden = np.asarray(model.hidden(jnp.asarray(batch["tokens"]), positions, ids))[0]
+    checked = 0
+    for seg in (1, 2):
+        in_seg = batch["segment_ids"][0] == seg
+        turns = batch["turn_ids"][0]
+        observations = np.unique(turns[in_seg & (batch["action_mask"][0] == 0)])
+        for turn in observations:
+            end = int(np.nonzero(in_seg & (turns == turn))[0][-1])  # the observation's EOT
+            text = episodes[seg - 1]["turns"][turn]["text"]
+            prompt = pol.prompts([envs.render_transcript(episodes[seg - 1]["turns"][: turn + 1])])[0]
+            np.testing.assert_array_equal(prompt, np.append(tok.encode_batch([text])[0], tok.eot_id))
+            alone = model.hidden(jnp.asarray(prompt[None]), jnp.arange(len(prompt))[None],
+                                 jnp.ones((1, len(prompt)), jnp.int32))
+            np.testing.assert_allclose(hidden[end], np.asarray(alone)[0, -1], rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked == sum(len(e["turns"]) // 2 + 1 for e in episodes)

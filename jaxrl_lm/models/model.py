@@ -41,8 +41,9 @@ class QTransformer(nnx.Module):
         """Trunk forward over packed rows. ``[B, L] int32 x3 -> [B, L, D]`` float32 (after the final norm).
 
         Token ``i`` attends to ``j`` iff ``j <= i`` and ``segment_ids[i] == segment_ids[j]``; ``positions``
-        restart in every segment (``jaxrl_lm.batch.segment_positions``). Dropout runs iff ``dropout_rng`` is
-        given (and ``cfg.dropout > 0``).
+        restart in every segment (``jaxrl_lm.batch.segment_positions``). The training update passes what
+        ``jaxrl_lm.batch.trunk_inputs`` derives for ``cfg.context``: the episode segments, or one id per
+        observation window. Dropout runs iff ``dropout_rng`` is given (and ``cfg.dropout > 0``).
         """
         h, _ = self.transformer(tokens, positions, segment_ids, dropout_rng=dropout_rng)
         return h

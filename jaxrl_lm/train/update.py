@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxrl_lm.batch import segment_positions
+from jaxrl_lm.batch import trunk_inputs
 from jaxrl_lm.config import Config
 from jaxrl_lm.rl import Heads, bellman_objective, count_decisions
 from jaxrl_lm.train.state import Params, TrainState, make_optimizer, model_graphdef
@@ -38,10 +38,10 @@ def loss_fn(
     """The objective of one (micro-)batch for online ``params``; gradients never reach ``target_params``."""
     model = nnx.merge(graphdef, params)
     target_model = nnx.merge(graphdef, {**params, **jax.lax.stop_gradient(target_params)})
-    positions = segment_positions(batch["segment_ids"])
-    hidden = model.hidden(batch["tokens"], positions, batch["segment_ids"], dropout_rng=dropout_rng)
+    positions, attention_ids = trunk_inputs(batch, cfg.model.context)
+    hidden = model.hidden(batch["tokens"], positions, attention_ids, dropout_rng=dropout_rng)
     if cfg.rl.target_scope == "full":  # target forwards are deterministic: no dropout
-        target_hidden = target_model.hidden(batch["tokens"], positions, batch["segment_ids"])
+        target_hidden = target_model.hidden(batch["tokens"], positions, attention_ids)
     else:
         target_hidden = hidden
     heads = Heads(
