@@ -193,3 +193,35 @@ def test_split_window_that_cannot_close_on_an_observation_is_cut_and_counted():
     kept = list(tokenize_episodes([LONG], TOK, seq_len=5, truncate_side="split", stats=stats))
     assert all(len(w.arrays["tokens"]) <= 5 for w in kept)
     assert len(stats.no_decision) == 3  # o0, o1, o2 windows hold no action token: reported, not lost silently
+
+
+def test_trained_bpe_keeps_the_special_ids_round_trips_any_text_and_is_deterministic():
+    from jaxrl_lm.data import train_bpe_tokenizer
+
+    texts = ["move right", "move left", "goal 8,6 at 1,1 walls up,down"] * 50
+    tok = train_bpe_tokenizer(texts, 512)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.eot_id) == (0, 1, 2, 3)
+    assert 260 < tok.vocab_size < 512  # stops when no pair repeats
+    assert len(tok.encode_batch(["move right"])[0]) == 2  # "move", " right"
+    for text in ["move right", "never seen: ü 日本 \t!", "a<eot>b"]:
+        ids = tok.encode_batch([text])[0]
+        assert tok.decode(ids) == text and not np.isin(ids, [0, 1, 2, 3]).any()
+    assert train_bpe_tokenizer(texts, 512).fingerprint == tok.fingerprint
+    with pytest.raises(ValueError, match="256 bytes"):
+        train_bpe_tokenizer(texts, 100)
+
+
+def test_shipped_task_tokenizers_are_what_make_tokenizer_writes(tmp_path, monkeypatch):
+    from script_loader import load_script
+
+    from jaxrl_lm.config import REPO_ROOT
+
+    make_tokenizer = load_script("make_tokenizer")
+    for task in ("grid", "maze", "maze_po"):
+        out = tmp_path / f"{task}.json"
+        assert make_tokenizer.main([f"task:{task}", "--out", str(out)]) == 0
+        shipped = REPO_ROOT / "configs" / "tokenizers" / f"{task}.json"
+        assert out.read_text() == shipped.read_text(), f"rerun scripts/make_tokenizer.py task:{task}"
+    monkeypatch.chdir(tmp_path)  # a config's relative tokenizer path is also found from another directory
+    assert load_tokenizer("configs/tokenizers/grid.json").vocab_size == 298
+    assert make_tokenizer.main(["task:nope", "--out", str(out)]) == 1

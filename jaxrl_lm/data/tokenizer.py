@@ -9,6 +9,11 @@
 - a Hugging Face directory with ``tokenizer_config.json``: loaded with ``PreTrainedTokenizerFast``; its declared
   ``bos_token`` / ``eos_token`` / ``pad_token`` win over the conventional names.
 
+A relative path that does not exist from the working directory is read from the repository root, as config
+files are (the task configs name ``configs/tokenizers/*.json``). ``train_bpe_tokenizer`` makes a byte-level BPE
+for a dataset (``scripts/make_tokenizer.py``): a model trained from scratch then reads a word such as
+``" right"`` as one token instead of six bytes.
+
 The episode layout (``convert.py``) needs four ids: BOS starts an episode, EOT ends every turn, PAD fills unused
 positions, EOS is kept for generation. A tokenizer without a dedicated end-of-turn or pad token uses its EOS.
 Special tokens written inside episode text are encoded as plain text, so an episode can never inject a
@@ -19,10 +24,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import tokenizers
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+from jaxrl_lm.config import REPO_ROOT
 
 CHAR_SPECIALS = ("<pad>", "<bos>", "<eos>", "<eot>")
 
@@ -118,6 +126,27 @@ def build_char_tokenizer() -> Tokenizer:
     return Tokenizer(backend, specials=specials, name="built-in byte tokenizer")
 
 
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE learned from ``texts``: ids 0..3 are ``<pad> <bos> <eos> <eot>`` (as in the built-in
+    tokenizer), then the 256 bytes, then merges until ``vocab_size`` ids or until no pair repeats.
+
+    GPT-2's pre-tokenizer splits words, numbers and punctuation first, so a merge never crosses a word boundary,
+    and every byte is in the alphabet, so any text round-trips, also text the training data never held. The
+    same texts always give the same tokenizer.
+    """
+    if vocab_size < len(CHAR_SPECIALS) + 256:
+        raise ValueError(f"vocab_size {vocab_size} is below the {len(CHAR_SPECIALS) + 256} ids of the special "
+                         f"tokens and the 256 bytes")
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(CHAR_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    specials = dict(zip(("pad", "bos", "eos", "eot"), CHAR_SPECIALS))
+    return Tokenizer(backend, specials=specials, name=f"byte-level BPE of {backend.get_vocab_size()} ids")
+
+
 def _conventional_specials(backend: tokenizers.Tokenizer, declared: dict[str, str | None], name: str) -> dict[str, str]:
     """Special token strings: ``declared`` (from a HF config) first, then ``_SPECIAL_NAMES``, then EOS."""
     vocab = backend.get_vocab(with_added_tokens=True)
@@ -150,6 +179,8 @@ def load_tokenizer(path: str | Path = "") -> Tokenizer:
     if str(path) == "":
         return build_char_tokenizer()
     p = Path(path)
+    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
+        p = REPO_ROOT / p
     if p.is_dir():
         if (p / "tokenizer_config.json").is_file():
             return _load_hf_directory(p)
