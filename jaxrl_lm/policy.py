@@ -238,7 +238,8 @@ def load_policy(
         BOS and PAD.
       max_turns: most recent turns a prompt keeps (None: as many whole turns as fit the context); set it to the
         longest history the training episodes hold when evaluation episodes run longer than them
-        (``TaskSpec.context_turns``), so the model never reads positions it was not trained on.
+        (``TaskSpec.context_turns``), so the model never reads positions it was not trained on. A model with
+        ``context: observation`` always reads the latest observation alone (None or 1 only).
       seed: of the sampling PRNG (each call draws a fresh key from it).
 
     Example::
