@@ -217,7 +217,7 @@ def test_shipped_task_tokenizers_are_what_make_tokenizer_writes(tmp_path, monkey
     from jaxrl_lm.config import REPO_ROOT
 
     make_tokenizer = load_script("make_tokenizer")
-    for task in ("grid", "maze", "maze_po"):
+    for task in ("grid", "maze", "maze_po", "wordle", "twenty_questions"):
         out = tmp_path / f"{task}.json"
         assert make_tokenizer.main([f"task:{task}", "--out", str(out)]) == 0
         shipped = REPO_ROOT / "configs" / "tokenizers" / f"{task}.json"
