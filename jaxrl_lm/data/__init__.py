@@ -35,6 +35,6 @@ __all__ = [
     "TokenizedEpisode", "Turn", "build_char_tokenizer", "build_dataset", "episodes_to_batch", "find_dataset_dir",
     "iter_episodes", "jsonl_records", "layout", "load_source", "load_tokenizer", "loader_throughput",
     "make_loader", "memory_records", "open_dataset", "packing_efficiency", "parse_episode", "read_jsonl",
-    "synthetic_episodes", "to_global_batch", "tokenize_episode", "tokenize_episode_windows", "tokenize_episodes", "train_bpe_tokenizer", "truncate",
-    "write_jsonl",
+    "synthetic_episodes", "to_global_batch", "tokenize_episode", "tokenize_episode_windows", "tokenize_episodes",
+    "train_bpe_tokenizer", "truncate", "write_jsonl",
 ]
