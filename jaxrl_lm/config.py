@@ -19,7 +19,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
 
@@ -63,7 +63,7 @@ class ModelConfig:
     q_head_bias: bool = True  # false: no per-action output bias, so a linear head merges exactly into an HF lm_head
     init_std: float = 0.02
     # What a hidden state reads: the whole episode so far, or only the latest observation turn (a fully observed
-    # task's Markov state; jaxrl_lm.batch.trunk_inputs, jaxrl_lm.policy)
+    # task's Markov state; jaxrl_lm.batch.trunk_inputs, jaxrl_lm.model_policy)
     context: Literal["history", "observation"] = "history"
 
     @property
@@ -90,21 +90,12 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    backup: Literal["expectile", "max", "sarsa", "mc"] = "expectile"
+    """What every objective shares; an objective's own settings are the config section named after it."""
+
+    objective: str = "token_q"  # a registered objective (jaxrl_lm.rl.objective); its section holds its settings
     time_step: Literal["token", "utterance"] = "token"
     gamma: float = 0.99
-    expectile_tau: float = 0.7
-    lambda_q: float = 1.0
-    lambda_v: float = 1.0
-    cql_alpha: float = 0.1
-    cql_temperature: float = 1.0
-    lambda_bc: float = 1.0
-    awr_beta: float = 0.0
-    awr_max_weight: float = 20.0
-    value_min: Optional[float] = None
-    value_max: Optional[float] = None
-    target_scope: Literal["heads", "full"] = "heads"
-    target_ema: float = 0.005
+    target_ema: float = 0.005  # rate of every EMA parameter group (the target heads / trunk)
     # Head work runs only on decision positions, gathered into a static buffer of this fraction of the
     # batch's tokens (1.0 = every position fits). Positions beyond it are counted in metrics, never silent.
     decision_fraction: float = 1.0
@@ -187,7 +178,7 @@ class TrainConfig:
 class EvalConfig:
     every: int = 0  # steps between evaluations of the policies during training (and at the last step); 0 = off
     task: str = ""  # built-in task to play; "" = the task of data.path task:NAME
-    policies: tuple[str, ...] = ("bc", "ilql")  # policy extractions to evaluate (rl/policy.py: bc | ilql | q)
+    policies: tuple[str, ...] = ("bc", "ilql")  # policy extractions to evaluate (POLICY_KINDS: bc | ilql | q)
     beta: float = 4.0  # ilql advantage weight
     temperature: float = 0.0  # 0 = greedy
     episodes: int = 0  # evaluation episodes; 0 = every start of the task once
@@ -195,8 +186,31 @@ class EvalConfig:
     max_new_tokens: int = 32  # token budget of one action turn
 
 
+# Objective sections: ``register_section(name, settings_class)`` (called by ``jaxrl_lm.rl.objective.register``)
+# lets the config hold a top-level section ``name:`` whose keys are the fields of ``settings_class``. A settings
+# class may define ``validate(self, where)`` for its cross-field checks (ConfigErrors naming ``where.field``).
+_SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str, settings: type) -> None:
+    """Makes ``name:`` a config section read into the dataclass ``settings`` (an objective's own settings)."""
+    if name in {f.name for f in dataclasses.fields(Config)}:
+        raise ValueError(f"config section {name!r} is a built-in section; choose another objective name")
+    if not dataclasses.is_dataclass(settings):
+        raise TypeError(f"the settings of config section {name!r} must be a dataclass, got {settings!r}")
+    _SECTIONS[name] = settings
+
+
+def registered_sections() -> dict[str, type]:
+    """Objective section name -> its settings dataclass."""
+    return dict(_SECTIONS)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """The whole run. ``model`` .. ``eval`` are the built-in sections; ``sections`` holds the objective sections
+    present (always the one of ``rl.objective``), read as attributes: ``cfg.token_q.backup``."""
+
     model: ModelConfig = ModelConfig()
     rl: RLConfig = RLConfig()
     optim: OptimConfig = OptimConfig()
@@ -204,9 +218,36 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    sections: tuple[tuple[str, Any], ...] = ()  # (objective name, its settings), sorted by name
+
+    def section(self, name: str) -> Any:
+        """The settings of objective section ``name``: as configured, else the settings class's defaults."""
+        for key, settings in self.sections:
+            if key == name:
+                return settings
+        if name not in _SECTIONS:
+            raise ConfigError(f"no objective section {name!r}; registered: {sorted(_SECTIONS)}")
+        return _SECTIONS[name]()
+
+    @property
+    def objective(self) -> Any:
+        """The settings of the chosen objective (``cfg.section(cfg.rl.objective)``)."""
+        return self.section(self.rl.objective)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: objective sections read like the built-in ones.
+        if name.startswith("__") or name not in _SECTIONS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self.section(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name != "sections"}
+        out.update({name: dataclasses.asdict(settings) for name, settings in self.sections})
+        return out
+
+
+POLICY_KINDS: tuple[str, ...] = ("bc", "ilql", "q")  # policy extractions (jaxrl_lm.rl.policy); the one list
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,9 +322,33 @@ def _describe(tp: Any) -> str:
     return _TYPE_NAMES.get(tp, str(tp))
 
 
+def _build_config(values: dict[str, Any], sources: dict[str, str]) -> Config:
+    """The top level: the built-in sections, and the objective sections by their registered names (the chosen
+    objective's section is added with its defaults when absent)."""
+    builtin = {f.name for f in dataclasses.fields(Config)} - {"sections"}
+    values = dict(values)
+    sections = {}
+    for name in sorted(set(values) - builtin):
+        if name not in _SECTIONS:
+            where = f" (from {sources[name]})" if name in sources else ""
+            raise ConfigError(f"unknown config key {name!r}{where}; known sections: {sorted(builtin)} and the "
+                              f"objective sections {sorted(_SECTIONS)}")
+        value = values.pop(name)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping of {_SECTIONS[name].__name__} fields, got {value!r}")
+        sections[name] = _build(_SECTIONS[name], value, f"{name}.", sources)
+    cfg = _build(Config, values, "", sources)
+    if cfg.rl.objective not in _SECTIONS:
+        where = f" (from {sources['rl.objective']})" if "rl.objective" in sources else ""
+        raise ConfigError(f"rl.objective: {cfg.rl.objective!r} is not a registered objective{where}; registered: "
+                          f"{sorted(_SECTIONS)}")
+    sections.setdefault(cfg.rl.objective, _SECTIONS[cfg.rl.objective]())
+    return dataclasses.replace(cfg, sections=tuple(sorted(sections.items())))
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str, sources: dict[str, str]) -> Any:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not (cls is Config and f.name == "sections")}
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}{name}"
@@ -372,7 +437,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     A relative ``path`` that does not exist from the working directory is read from the repository root, so a
     notebook in any folder can say::
 
-        cfg = jaxrl_lm.load_config("configs/demo.yaml", data__batch_size=8, rl__backup="max")
+        cfg = jaxrl_lm.load_config("configs/demo.yaml", data__batch_size=8, token_q__backup="max")
     """
     sources: dict[str, str] = {}
     tree = _read_yaml(resolve_path(path or "configs/base.yaml"), sources)
@@ -391,7 +456,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"override {key!r}: {p!r} is not a section")
         node[parts[-1]] = value
         sources[key] = "override"
-    cfg = _build(Config, tree, "", sources)
+    cfg = _build_config(tree, sources)
     validate(cfg)
     return cfg
 
@@ -401,10 +466,27 @@ def replace(cfg: Config, **kw: Any) -> Config:
     tree = cfg.to_dict()
     for k, v in kw.items():
         section, field = k.split("__", 1)
-        tree[section][field] = v
-    new = _build(Config, tree, "", {})
+        tree.setdefault(section, {})[field] = v
+    new = _build_config(tree, {})
     validate(new)
     return new
+
+
+def from_dict(saved: Mapping[str, Any]) -> Config:
+    """A Config from ``Config.to_dict()`` output (a checkpoint's saved config), validated.
+
+    Keys added since it was saved take their defaults. A config saved before objective sections existed kept the
+    token-level Q-learning settings in ``rl``: those keys move to the ``token_q`` section.
+    """
+    tree = {section: dict(fields) for section, fields in saved.items()}
+    rl = tree.get("rl", {})
+    legacy = set(rl) - {f.name for f in dataclasses.fields(RLConfig)}
+    if legacy and "token_q" in _SECTIONS:
+        moved = {k: rl.pop(k) for k in legacy if k in {f.name for f in dataclasses.fields(_SECTIONS["token_q"])}}
+        tree["token_q"] = {**moved, **tree.get("token_q", {})}
+    cfg = _build_config(tree, {})
+    validate(cfg)
+    return cfg
 
 
 def validate(cfg: Config) -> None:
@@ -433,23 +515,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     if not 0.0 < rl.gamma <= 1.0:
         raise ConfigError(f"rl.gamma must be in (0, 1], got {rl.gamma}")
-    if not 0.0 < rl.expectile_tau < 1.0:
-        raise ConfigError(f"rl.expectile_tau must be in (0, 1), got {rl.expectile_tau}")
     if not 0.0 < rl.target_ema <= 1.0:
         raise ConfigError(f"rl.target_ema must be in (0, 1], got {rl.target_ema}")
-    if rl.cql_temperature <= 0:
-        raise ConfigError(f"rl.cql_temperature must be positive, got {rl.cql_temperature}")
     if not 0.0 < rl.decision_fraction <= 1.0:
         raise ConfigError(f"rl.decision_fraction must be in (0, 1], got {rl.decision_fraction}")
-    if rl.awr_max_weight <= 0:
-        raise ConfigError(f"rl.awr_max_weight must be positive, got {rl.awr_max_weight}")
-    if rl.value_min is not None and rl.value_max is not None and rl.value_min >= rl.value_max:
-        raise ConfigError(f"rl.value_min ({rl.value_min}) must be below rl.value_max ({rl.value_max})")
     if not 0.0 < d.top_return_fraction <= 1.0:
         raise ConfigError(f"data.top_return_fraction must be in (0, 1], got {d.top_return_fraction}")
-    for key, v in {"rl.lambda_q": rl.lambda_q, "rl.lambda_v": rl.lambda_v, "rl.cql_alpha": rl.cql_alpha,
-                   "rl.lambda_bc": rl.lambda_bc, "rl.awr_beta": rl.awr_beta, "optim.weight_decay": o.weight_decay,
-                   "optim.grad_clip": o.grad_clip, "model.dropout": m.dropout}.items():
+    for key, v in {"optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip,
+                   "model.dropout": m.dropout}.items():
         if v < 0:
             raise ConfigError(f"{key} must be non-negative, got {v}")
     if d.batch_size % o.grad_accum:
@@ -458,6 +531,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.checkpoint_every must be >= 0 (0 = only at the end), got {cfg.train.checkpoint_every}")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be at least 1, got {cfg.train.keep_checkpoints}")
+    for name, settings in cfg.sections:
+        if hasattr(settings, "validate"):
+            settings.validate(name)
     validate_mesh(cfg.mesh)
     validate_eval(cfg)
 
@@ -478,9 +554,9 @@ def validate_eval(cfg: Config) -> None:
                    "eval.max_new_tokens": e.max_new_tokens - 1}.items():
         if v < 0:
             raise ConfigError(f"{key} must be {'>= 0' if key == 'eval.episodes' else 'positive'}, got {v}")
-    bad = [k for k in e.policies if k not in ("bc", "ilql", "q")]
+    bad = [k for k in e.policies if k not in POLICY_KINDS]
     if bad or not e.policies:
-        raise ConfigError(f"eval.policies: {bad or 'empty'}; choose from bc, ilql, q")
+        raise ConfigError(f"eval.policies: {bad or 'empty'}; choose from {', '.join(POLICY_KINDS)}")
     if e.temperature < 0:
         raise ConfigError(f"eval.temperature must be >= 0 (0 = greedy), got {e.temperature}")
     if e.every and not eval_task(cfg):

@@ -29,8 +29,8 @@ from jaxrl_lm import envs
 from jaxrl_lm.config import Config, ModelConfig, eval_task
 from jaxrl_lm.envs.normalize import TaskStats
 from jaxrl_lm.envs.tasks import TaskSpec, get_task
-from jaxrl_lm.policy import Policy, describe, load_policy
-from jaxrl_lm.train.state import Params
+from jaxrl_lm.models import Params
+from jaxrl_lm.model_policy import ModelPolicy, describe, load_policy
 
 Episode = dict[str, Any]
 
@@ -112,12 +112,12 @@ def evaluate_policy(act: Callable[[list[str]], list[str]], task: str | TaskSpec,
                     task_stats: Optional[TaskStats | Mapping[str, Any]] = None, batch_size: int = 64,
                     success: Callable[[Episode], bool] = is_success) -> dict[str, Any]:
     """Rolls ``act`` out on ``task`` (module docstring) and summarises; adds ``task``, ``seconds`` and, for a
-    ``Policy``, its knobs under ``"policy"``. The episode records are under ``"records"``."""
+    ``ModelPolicy``, its knobs under ``"policy"``. The episode records are under ``"records"``."""
     spec = task if isinstance(task, TaskSpec) else get_task(task)
     t0 = time.perf_counter()
     records = envs.run_policy(spec, act, eval_seeds(spec, episodes), spec.eval_steps, batch_size)
     result = {"task": spec.name, **summarize(records, task_stats, success), "seconds": time.perf_counter() - t0}
-    if isinstance(act, Policy):
+    if isinstance(act, ModelPolicy):
         result["policy"] = describe(act)
     result["records"] = records
     return result

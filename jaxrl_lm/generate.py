@@ -31,9 +31,8 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_lm.config import ModelConfig
-from jaxrl_lm.models import KVCache, QTransformer
+from jaxrl_lm.models import KVCache, Params, QTransformer, model_graphdef
 from jaxrl_lm.rl.policy import check_kind, needs_heads, policy_scores, sample_tokens
-from jaxrl_lm.train.state import Params, model_graphdef
 
 
 @dataclasses.dataclass(frozen=True)

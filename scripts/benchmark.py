@@ -45,7 +45,7 @@ PRESETS: dict[str, dict] = {
     "gpt2_small_heads_k2": dict(config="configs/models/gpt2_small.yaml", overrides=[], batch=4, seq_len=256),
     "gpt2_small_heads_k1": dict(config="configs/models/gpt2_small.yaml", overrides=["model.n_q_heads=1"],
                                 batch=4, seq_len=256),
-    "gpt2_small_full_k2": dict(config="configs/models/gpt2_small.yaml", overrides=["rl.target_scope=full"],
+    "gpt2_small_full_k2": dict(config="configs/models/gpt2_small.yaml", overrides=["token_q.target_scope=full"],
                                batch=4, seq_len=256),
     # batch 8, a 64-token prompt, 128 new tokens (DESIGN.md section 8 compares HF generate at batch 8)
     DECODE_PRESET: dict(config="configs/models/gpt2_small.yaml", overrides=[], batch=8, seq_len=64),
@@ -197,8 +197,8 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
         "batch": p["batch"],
         "seq_len": p["seq_len"],
         "n_q_heads": cfg.model.n_q_heads,
-        "target_scope": cfg.rl.target_scope,
-        "backup": cfg.rl.backup,
+        "target_scope": cfg.token_q.target_scope,
+        "backup": cfg.token_q.backup,
         "decision_fraction": round(fraction, 4),
         "compile_s": round(compile_s, 2),
         "step_s": round(step_s, 4),
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--turn-len", type=int, default=16, help="tokens per observation turn")
     ap.add_argument("--action-fraction", type=float, default=0.5, help="fraction of tokens that are agent tokens")
-    ap.add_argument("--override", action="append", default=[], help="extra config override, e.g. rl.backup=max")
+    ap.add_argument("--override", action="append", default=[], help="extra config override, e.g. token_q.backup=max")
     ap.add_argument("--preset", help=argparse.SUPPRESS)  # internal: run one preset in this process
     args = ap.parse_args(argv)
     if args.preset:

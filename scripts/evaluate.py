@@ -16,7 +16,8 @@ from pathlib import Path
 
 from jaxrl_lm import envs
 from jaxrl_lm.eval import evaluate_policy, load_task_stats, markdown_table, write_report
-from jaxrl_lm.policy import load_policy, restore_params
+from jaxrl_lm.checkpoints import load_params
+from jaxrl_lm.model_policy import load_policy
 from jaxrl_lm.rl.policy import KINDS
 
 
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg, params, step = restore_params(args.checkpoint, args.step)
+    cfg, params, step = load_params(args.checkpoint, args.step)
     policy = load_policy(params, args.policy, cfg=cfg, beta=args.beta, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, best_of=args.best_of,
                          max_new_tokens=args.max_new_tokens, seed=args.seed,

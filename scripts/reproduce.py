@@ -8,7 +8,7 @@ them as they train, and write the table and the learning curves.
 Writes ``<out>/results.md``, ``results.json`` and ``learning_curves.png`` (default ``<out>`` =
 ``runs/reproduce/<name>``) and one run directory per method and seed; runs that already finished are reused
 (``--fresh`` retrains them). The methods and their settings are in the experiment file (see
-``jaxrl_lm/train/experiment.py``); trailing ``key=value`` overrides apply to every run.
+``jaxrl_lm/experiments/harness.py``); trailing ``key=value`` overrides apply to every run.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from jaxrl_lm.config import REPO_ROOT
-from jaxrl_lm.train.experiment import load_experiment, run_experiment
+from jaxrl_lm.experiments.harness import load_experiment, run_experiment
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

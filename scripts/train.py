@@ -1,9 +1,9 @@
-"""Train a token-level Q-learning agent: ``python scripts/train.py --config configs/demo.yaml key=value ...``.
+"""Train an agent: ``python scripts/train.py --config configs/demo.yaml key=value ...``.
 
-The same entry point is installed as the console script ``jaxrl-lm-train``; see jaxrl_lm/train/loop.py.
+The same entry point is installed as the console script ``jaxrl-lm-train``; see jaxrl_lm/experiments/run.py.
 """
 
-from jaxrl_lm.train.loop import main
+from jaxrl_lm.experiments.run import main
 
 if __name__ == "__main__":
     main()

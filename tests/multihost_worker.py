@@ -24,7 +24,7 @@ import jaxrl_lm
 from jaxrl_lm import distributed
 from jaxrl_lm.train import sharding
 from jaxrl_lm.train.mesh import place_batch
-from jaxrl_lm.train.state import model_graphdef
+from jaxrl_lm.models import model_graphdef
 
 # Every dimension that a rule maps divides by 8. optim.eps: Adam's first step is lr * g / (|g| + eps), so with
 # eps = 1e-8 a gradient that is zero in exact arithmetic (the key biases: softmax ignores a shift) becomes

@@ -1,6 +1,6 @@
-"""Plain Python / NumPy loop reference of DESIGN.md section 2 (the token-level MDP and its losses).
+"""Plain Python / NumPy loop reference of docs/design.md section 2 (the token-level MDP and its losses).
 
-Written from the DESIGN text only, one position at a time, so it shares no code (and no vectorisation trick)
+Written from the design text only, one position at a time, so it shares no code (and no vectorisation trick)
 with ``jaxrl_lm.rl``. Float64 throughout; the tests compare with tolerances.
 
 Inputs of ``ref_objective`` are the head outputs at every position of the batch (sliced to the *unpadded*
@@ -14,9 +14,29 @@ vocabulary by the caller, which is what "over the unpadded vocab" means):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
+
+from jaxrl_lm.config import RLConfig
+from jaxrl_lm.rl import TokenQConfig
+
+
+def _loss_config_class():
+    """The fields of ``RLConfig`` and ``TokenQConfig`` as one frozen dataclass, so a test names one loss setting
+    per case; ``.rl`` and ``.q`` give the two sections ``bellman_objective`` takes."""
+    fields = [(f.name, f.type, dataclasses.field(default=f.default))
+              for cls in (RLConfig, TokenQConfig) for f in dataclasses.fields(cls)]
+    namespace = {
+        "rl": property(lambda self: RLConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RLConfig)})),
+        "q": property(lambda self: TokenQConfig(**{f.name: getattr(self, f.name)
+                                                  for f in dataclasses.fields(TokenQConfig)})),
+    }
+    return dataclasses.make_dataclass("LossConfig", fields, frozen=True, namespace=namespace)
+
+
+LossConfig = _loss_config_class()
 
 
 def _logsumexp(x: np.ndarray) -> float:

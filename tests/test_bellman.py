@@ -1,4 +1,4 @@
-"""Reference tests of the Bellman core (DESIGN.md section 2) against the loop reference in tests/reference.py.
+"""Reference tests of the Bellman core (docs/design.md section 2) against the loop reference in tests/reference.py.
 
 The implementation is tested end to end without a model: the hidden state at position ``i`` of row ``b`` is the
 float id ``b*L + i`` (``[B, L, 1]``), and every head looks its output up in a random table indexed by that id.
@@ -20,10 +20,9 @@ import numpy as np
 import pytest
 
 from jaxrl_lm.batch import check_batch
-from jaxrl_lm.config import RLConfig
 from jaxrl_lm.rl import Heads, bellman_objective, transitions
 
-from reference import ref_objective, ref_transitions
+from reference import LossConfig, ref_objective, ref_transitions
 
 PAD_LOGIT = 1.0e6  # value of every padded-vocabulary logit: it would dominate any softmax / max it entered
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -225,11 +224,11 @@ def position_ids(batch_size: int, seq_len: int, offset: int = 0) -> jnp.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def objective_fn(rl: RLConfig, vocab_size: int):
+def objective_fn(rl: LossConfig, vocab_size: int):
     """jit(value_and_grad) of bellman_objective w.r.t. the tables; one compile per (config, shapes)."""
 
     def f(tabs, batch, hidden, target_hidden, denominator):
-        return bellman_objective(rl, batch, hidden, target_hidden, table_heads(tabs), vocab_size=vocab_size,
+        return bellman_objective(rl.q, rl.rl, batch, hidden, target_hidden, table_heads(tabs), vocab_size=vocab_size,
                                  denominator=denominator)
 
     return jax.jit(jax.value_and_grad(f, has_aux=True))
@@ -294,18 +293,18 @@ def assert_matches_reference(rl, loss, metrics, grads, ref, *, vocab, batch_shap
 
 
 CONFIGS = {
-    "expectile-token": RLConfig(backup="expectile", time_step="token", gamma=0.9),
-    "expectile-utterance-awr-clip": RLConfig(
+    "expectile-token": LossConfig(backup="expectile", time_step="token", gamma=0.9),
+    "expectile-utterance-awr-clip": LossConfig(
         backup="expectile", time_step="utterance", gamma=0.8, expectile_tau=0.9, lambda_v=0.5, cql_alpha=0.3,
         cql_temperature=0.7, lambda_bc=2.0, awr_beta=1.5, awr_max_weight=1.3, value_min=-1.0, value_max=1.5),
-    "max-utterance-upper-clip": RLConfig(backup="max", time_step="utterance", gamma=0.7, cql_alpha=0.5,
+    "max-utterance-upper-clip": LossConfig(backup="max", time_step="utterance", gamma=0.7, cql_alpha=0.5,
                                          cql_temperature=2.0, lambda_bc=0.5, awr_beta=0.5, value_max=1.0),
-    "sarsa-utterance-awr-lower-clip": RLConfig(backup="sarsa", time_step="utterance", gamma=0.85, awr_beta=1.0,
+    "sarsa-utterance-awr-lower-clip": LossConfig(backup="sarsa", time_step="utterance", gamma=0.85, awr_beta=1.0,
                                                awr_max_weight=2.0, value_min=-0.5),
-    "mc-utterance-half-q-clip": RLConfig(backup="mc", time_step="utterance", gamma=0.8, lambda_q=0.5,
+    "mc-utterance-half-q-clip": LossConfig(backup="mc", time_step="utterance", gamma=0.8, lambda_q=0.5,
                                          cql_alpha=0.2, value_min=-1.0),
-    "mc-token": RLConfig(backup="mc", time_step="token", gamma=0.9),
-    "expectile-token-q-only": RLConfig(backup="expectile", time_step="token", gamma=0.9, lambda_v=0.0,
+    "mc-token": LossConfig(backup="mc", time_step="token", gamma=0.9),
+    "expectile-token-q-only": LossConfig(backup="expectile", time_step="token", gamma=0.9, lambda_v=0.0,
                                        cql_alpha=0.0, lambda_bc=0.0),
 }
 VOCAB, PADDED_VOCAB = 7, 12
@@ -329,8 +328,8 @@ def test_objective_matches_reference(name, seed):
 
 
 @pytest.mark.parametrize("n_heads, rl", [
-    (3, RLConfig(backup="sarsa", time_step="token", gamma=0.95, awr_beta=0.7)),
-    (1, RLConfig(backup="max", time_step="token", gamma=0.9, awr_beta=0.7, cql_alpha=0.2)),
+    (3, LossConfig(backup="sarsa", time_step="token", gamma=0.95, awr_beta=0.7)),
+    (1, LossConfig(backup="max", time_step="token", gamma=0.9, awr_beta=0.7, cql_alpha=0.2)),
 ], ids=["K3-sarsa-token", "K1-max-token"])
 def test_objective_other_head_counts(n_heads, rl):
     batch = random_batch(7)
@@ -400,7 +399,7 @@ def test_q_loss_without_cql_uses_q_at_and_agrees():
 def test_full_vocabulary_projections_only_when_needed(backup, cql_alpha, lambda_bc):
     """Online Q over the vocabulary only for CQL, target Q only for max / sarsa backups, LM only for BC
     (traced with eval_shape: nothing compiles)."""
-    rl = RLConfig(backup=backup, cql_alpha=cql_alpha, lambda_bc=lambda_bc)
+    rl = LossConfig(backup=backup, cql_alpha=cql_alpha, lambda_bc=lambda_bc)
     batch = random_batch(0)
     B, L = batch["tokens"].shape
     tabs = random_tables(0, 2, B * L, VOCAB, PADDED_VOCAB)
@@ -415,7 +414,7 @@ def test_full_vocabulary_projections_only_when_needed(backup, cql_alpha, lambda_
     def f(tabs):
         heads = table_heads(tabs)
         heads = Heads(**{name: counting(name, fn) for name, fn in heads._asdict().items()})
-        return bellman_objective(rl, {k: jnp.asarray(v) for k, v in batch.items()}, position_ids(B, L),
+        return bellman_objective(rl.q, rl.rl, {k: jnp.asarray(v) for k, v in batch.items()}, position_ids(B, L),
                                  position_ids(B, L), heads, vocab_size=VOCAB)
 
     jax.eval_shape(f, tabs)
@@ -480,8 +479,8 @@ def test_no_gradient_into_target_states_or_next_states():
     target_hidden = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     dec = ref_transitions(batch, 0.9, "token")["decision"]
-    rl = RLConfig(backup="expectile", gamma=0.9, awr_beta=1.0, cql_alpha=0.2)  # sg(V(h_n(i))), Qbar(hbar_i, a_i)
-    g_h, g_t = jax.jit(jax.grad(lambda h, t: bellman_objective(rl, jbatch, h, t, heads, vocab_size=VOCAB)[0],
+    rl = LossConfig(backup="expectile", gamma=0.9, awr_beta=1.0, cql_alpha=0.2)  # sg(V(h_n(i))), Qbar(hbar_i, a_i)
+    g_h, g_t = jax.jit(jax.grad(lambda h, t: bellman_objective(rl.q, rl.rl, jbatch, h, t, heads, vocab_size=VOCAB)[0],
                                 argnums=(0, 1)))(hidden, target_hidden)
     assert not np.asarray(g_t).any()
     g_h = np.abs(np.asarray(g_h)).sum(-1)
@@ -601,7 +600,7 @@ def implied_targets(rl, batch, tabs, vocab=3):
 
 
 @pytest.mark.parametrize("rl, expected", [
-    (RLConfig(backup="expectile", time_step="token", gamma=G), [
+    (LossConfig(backup="expectile", time_step="token", gamma=G), [
         # y_5 = 1 (terminal: no bootstrap, in particular not from V(h_5) itself)
         # y_4 = 0 + g V(h_5);  y_2 = 0.5 + g V(h_4);  y_1 = 0 + g V(h_2)
         [G * 0.3, 0.5 + G * 0.5, G * 0.6, 1.0],
@@ -609,15 +608,15 @@ def implied_targets(rl, batch, tabs, vocab=3):
         [G * 0.3, 0.5 + G * 0.5, G * 0.6, 1.0 + G * 0.7],
         # packed: y_0 = g V(h_1); y_1 = 2 + g V(h_3); y_5 = g V(h_6); y_6 = 3 + g V(h_7)
         [G * 0.2, 2.0 + G * 0.4, G * 0.7, 3.0 + G * 0.8]]),
-    (RLConfig(backup="expectile", time_step="utterance", gamma=G), [
+    (LossConfig(backup="expectile", time_step="utterance", gamma=G), [
         [0.3, 0.5 + G * 0.5, 0.6, 1.0],
         [0.3, 0.5 + G * 0.5, 0.6, 1.0 + 0.7],
         [0.2, 2.0 + G * 0.4, 0.7, 3.0 + 0.8]]),
-    (RLConfig(backup="max", time_step="token", gamma=G, value_max=2.5), [
+    (LossConfig(backup="max", time_step="token", gamma=G, value_max=2.5), [
         [G * 4, 0.5 + G * 2, G * 1, 1.0],
         [G * 4, 0.5 + G * 2, G * 1, 1.0 + G * -2],
         [0.0, 2.0, 0.0, 2.5]]),  # all-zero target Q: a padded id (PAD_LOGIT) must not win the max; 3 clipped
-    (RLConfig(backup="sarsa", time_step="token", gamma=G, value_min=-0.75), [
+    (LossConfig(backup="sarsa", time_step="token", gamma=G, value_min=-0.75), [
         [G * 1, 0.5 + G * -1, -0.75, 1.0],  # G * -2 = -1 clipped
         [G * 1, 0.5 + G * -1, -0.75, 1.0 + G * -2],  # the truncation state 6 backs up as max
         [0.0, 2.0, 0.0, 3.0]]),
@@ -656,7 +655,7 @@ def single_tables():
 
 
 def test_hand_cql_bc_awr_expectile():
-    rl = RLConfig(backup="expectile", time_step="token", gamma=G, expectile_tau=0.7, cql_alpha=0.1,
+    rl = LossConfig(backup="expectile", time_step="token", gamma=G, expectile_tau=0.7, cql_alpha=0.1,
                   cql_temperature=2.0, awr_beta=1.0, awr_max_weight=2.0, lambda_v=1.0, lambda_bc=1.0)
     loss, m, _ = run_objective(rl, SINGLE, single_tables(), vocab=3)
     assert m["decisions"] == 2

@@ -13,7 +13,9 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+from jaxrl_lm import envs
 from jaxrl_lm.config import ConfigError, REPO_ROOT, load_config
+from jaxrl_lm.experiments import run as run_lib
 from jaxrl_lm.train import checkpoint, loop
 
 N = 3  # the interrupted run stops after N of 2N steps
@@ -23,6 +25,9 @@ TINY = dict(model__d_model=32, model__n_layers=1, data__task_episodes=200, data_
 
 def tiny_cfg(out_dir, **kw):
     return load_config("configs/demo.yaml", **{**TINY, "train__out_dir": str(out_dir), **kw})
+
+
+EPISODES = envs.task_dataset(tiny_cfg("unused").data)  # data.path task:grid, as the entry point resolves it
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,18 +50,18 @@ def compile_once(tmp_path_factory):
 
 
 class Recorder:
-    """A step_hook that keeps every batch the loop consumed (the data order)."""
+    """A loop hook that keeps every batch the loop consumed (the data order)."""
 
     def __init__(self):
         self.batches = []
 
-    def __call__(self, step, batch):
-        self.batches.append((step, {k: np.array(v) for k, v in batch.items()}))
+    def __call__(self, ctx):
+        self.batches.append((ctx.step, {k: np.array(v) for k, v in ctx.batch.items()}))
 
 
 def run(cfg, **kw):
     rec = Recorder()
-    final = loop.train(cfg, progress=False, step_hook=rec, **kw)
+    final = loop.train(cfg, progress=False, hooks=[loop.Hook(rec, every=1)], episodes=EPISODES, **kw)
     return final, rec.batches
 
 
@@ -113,13 +118,13 @@ def test_loop_keeps_the_newest_k(runs):
 
 
 def test_sigterm_saves_at_the_next_step_and_stops(runs, tmp_path, capsys):
-    def preempt(step, batch):
-        if step == 4:
+    def preempt(ctx):
+        if ctx.step == 4:
             os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
     cfg = tiny_cfg(tmp_path, train__steps=2 * N)
-    final = loop.train(cfg, progress=False, step_hook=preempt)
+    final = loop.train(cfg, progress=False, hooks=[loop.Hook(preempt, every=1)], episodes=EPISODES)
     assert final["preempted"] and final["step"] == 4
     assert "SIGTERM: saved the checkpoint of step 4" in capsys.readouterr().out
     assert signal.getsignal(signal.SIGTERM) is before
@@ -158,7 +163,7 @@ def test_crash_mid_write_resumes_from_the_previous_complete_checkpoint(runs, tmp
     directory = out_dir / checkpoint.CHECKPOINT_SUBDIR
     assert [p.name for p in directory.iterdir() if p.name.startswith("7")] == ["7.orbax-checkpoint-tmp"]
     assert checkpoint.latest_step(directory) == 6 and load(out_dir).step == 6
-    final = loop.train(tiny_cfg(out_dir, train__steps=8), progress=False, resume=True)
+    final = loop.train(tiny_cfg(out_dir, train__steps=8), progress=False, resume=True, episodes=EPISODES)
     assert final["resumed_from"] == 6 and final["step"] == 8
     assert sorted(p.name for p in directory.iterdir()) == ["4", "6", "8"]  # the debris is gone
 
@@ -176,7 +181,7 @@ def test_resume_refuses_a_changed_shape_or_meaning(runs):
 
 def test_resume_flag_without_checkpoint_and_fresh_run_over_checkpoints(runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="--resume: no complete checkpoint in .*checkpoints"):
-        loop.main(["--resume", "--config", "configs/demo.yaml", f"train.out_dir={tmp_path}"])
+        run_lib.main(["--resume", "--config", "configs/demo.yaml", f"train.out_dir={tmp_path}"])
     with pytest.raises(FileExistsError, match="already holds checkpoints .*step 6.*--resume"):
         loop.resume_step(tiny_cfg(runs["root"] / "b"), resume=False)
 

@@ -71,12 +71,12 @@ def expected_q(backup, data):
 def test_chain_mdp_q_values(backup):
     cfg = jaxrl_lm.load_config(
         "configs/base.yaml", model__vocab_size=8, model__d_model=32, model__n_layers=1, model__n_heads=2,
-        model__max_seq_len=4, data__seq_len=4, data__batch_size=BATCH, rl__backup=backup, rl__gamma=GAMMA,
-        rl__expectile_tau=TAU, rl__cql_alpha=0.01, rl__lambda_bc=0.0, rl__target_ema=0.1,
+        model__max_seq_len=4, data__seq_len=4, data__batch_size=BATCH, token_q__backup=backup, rl__gamma=GAMMA,
+        token_q__expectile_tau=TAU, token_q__cql_alpha=0.01, token_q__lambda_bc=0.0, rl__target_ema=0.1,
         optim__learning_rate=3e-3, optim__schedule="cosine", optim__grad_clip=0.0, train__steps=STEPS,
     )
     model = jaxrl_lm.models.build(cfg.model, seed=0)
-    graphdef, params = jaxrl_lm.train.split_model(model)
+    graphdef, params = jaxrl_lm.split_model(model)
     state = jaxrl_lm.train.init_state(cfg, params)
     update = jaxrl_lm.train.make_update(cfg, graphdef)
     data = dataset(ROWS, seed=0)

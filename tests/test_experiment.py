@@ -5,8 +5,8 @@ import json
 import pytest
 
 from jaxrl_lm.config import ConfigError, load_config
-from jaxrl_lm.train.experiment import load_experiment, run_experiment
-from jaxrl_lm.train.loop import train
+from jaxrl_lm.experiments.harness import load_experiment, run_experiment
+from jaxrl_lm.experiments.run import run as train
 from script_loader import load_script
 
 TINY_GRID = dict(model__max_seq_len=64, data__seq_len=64, data__batch_size=8, data__task_episodes=200,
@@ -44,8 +44,8 @@ def test_experiment_runs_every_method_and_seed_and_writes_table_and_plot(tmp_pat
         "config: " + str(load_config.__globals__["REPO_ROOT"] / "configs/demo.yaml") + "\n"
         "seeds: [0, 1]\n"
         "methods:\n"
-        "  bc: {policy: bc, overrides: {rl.lambda_q: 0, rl.lambda_v: 0, rl.cql_alpha: 0}}\n"
-        "  mc: {policy: ilql, overrides: {rl.backup: mc}}\n")
+        "  bc: {policy: bc, overrides: {token_q.lambda_q: 0, token_q.lambda_v: 0, token_q.cql_alpha: 0}}\n"
+        "  mc: {policy: ilql, overrides: {token_q.backup: mc}}\n")
     exp = load_experiment(spec, {k.replace("__", "."): v for k, v in TINY_GRID.items()})
     results = run_experiment(exp, tmp_path / "out", progress=False)
     assert set(results["methods"]) == {"bc", "mc"}

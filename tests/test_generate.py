@@ -16,7 +16,7 @@ from jaxrl_lm.generate import (
 )
 from jaxrl_lm.models import build
 from jaxrl_lm.rl.policy import policy_scores, sample_tokens, top_k_mask, top_p_mask
-from jaxrl_lm.train.state import split_model
+from jaxrl_lm.models import split_model
 
 VOCAB, PADDED = 50, 64
 EOT, PAD = 3, 0

@@ -20,11 +20,11 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jaxrl_lm.config import ModelConfig
-from jaxrl_lm.data.tokenizer import build_char_tokenizer, load_tokenizer
+from jaxrl_lm.data.tokenizer import build_char_tokenizer, load_tokenizer, save_tokenizer
+from jaxrl_lm.interop import HEADS_JSON, WEIGHTS_INDEX, export_hf, import_hf, read_heads
 from jaxrl_lm.models import build
-from jaxrl_lm.models.hf import HEADS_JSON, WEIGHTS_INDEX, export_hf, import_hf, read_heads, save_tokenizer
 from jaxrl_lm.models.transformer import init_cache
-from jaxrl_lm.rl.policy import policy_scores
+from jaxrl_lm.rl.policy import merged_policy_weights, policy_scores
 from script_loader import load_script
 
 TOL = 1e-4
@@ -266,6 +266,25 @@ def test_merged_policy_refused_when_not_exact(tmp_path):
     assert not (tmp_path / "refused" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("kind", ["ilql", "q"])
+def test_merged_policy_weights_match_policy_scores(kind):
+    """One linear Q head with an action-independent bias: softmax(h W'^T) is the engine's policy (rl.policy)."""
+    rng = np.random.default_rng(0)
+    b, d, v, vp = 5, 8, 11, 16  # vp: a padded vocabulary, whose ids policy_scores gives -inf
+    h = rng.standard_normal((b, d)).astype(np.float32)
+    lm_weight, q_weight = rng.standard_normal((2, vp, d)).astype(np.float32)
+    bias, value = 0.7, rng.standard_normal(b).astype(np.float32)
+    beta, temperature = 1.5, 0.8
+    lm_logits = h @ lm_weight.T                              # [B, Vp]
+    q_logits = (h @ q_weight.T + bias)[None]                 # [K=1, B, Vp]
+    scores = policy_scores(kind, jnp.asarray(lm_logits), jnp.asarray(q_logits), jnp.asarray(value), beta, v)
+    engine = np.asarray(jax.nn.softmax(scores / temperature, axis=-1))
+    merged = merged_policy_weights(kind, lm_weight[:v], q_weight[:v], beta, temperature)  # [V, D]
+    assert merged.shape == (v, d)
+    assert max_diff(jax.nn.softmax(h @ merged.T, axis=-1), engine[:, :v]) < 1e-5
+    assert np.all(engine[:, v:] == 0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Scripts.
 
@@ -320,7 +339,7 @@ def greedy(cfg: ModelConfig, params, prompt: list[int], n_new: int) -> list[int]
 
 @pytest.mark.slow
 def test_smollm2_greedy_continuation_matches_transformers(tmp_path):
-    from jaxrl_lm.models.gguf import import_gguf, read_gguf, save_tokenizer, smollm2_gguf, write_hf_dir
+    from jaxrl_lm.interop.gguf import import_gguf, read_gguf, save_gguf_tokenizer, smollm2_gguf, write_hf_dir
 
     start = time.perf_counter()
     gguf = read_gguf(smollm2_gguf())
@@ -328,7 +347,7 @@ def test_smollm2_greedy_continuation_matches_transformers(tmp_path):
     print(f"SmolLM2 GGUF -> jaxrl_lm import: {time.perf_counter() - start:.1f} s")
     assert (cfg.family, cfg.n_layers, cfg.d_model, cfg.kv_heads, cfg.vocab_size) == ("llama", 30, 576, 3, 49152)
 
-    hf_tok = transformers.AutoTokenizer.from_pretrained(save_tokenizer(gguf, tmp_path))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(save_gguf_tokenizer(gguf, tmp_path))
     plain = "Digits 2024 split, café and spaces  here."
     assert tok.encode_batch([plain])[0].tolist() == hf_tok(plain).input_ids
     prompt = hf_tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

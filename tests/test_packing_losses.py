@@ -24,8 +24,8 @@ def token_episodes(n, seed):
 def test_packed_and_unpacked_batches_give_the_same_losses(backup, scope):
     cfg = jaxrl_lm.load_config(
         "configs/models/tiny.yaml", model__n_layers=1, model__max_seq_len=SEQ_LEN, data__seq_len=SEQ_LEN,
-        rl__backup=backup, rl__target_scope=scope, rl__awr_beta=1.0)
-    graphdef, params = jaxrl_lm.train.split_model(jaxrl_lm.models.build(cfg.model))
+        token_q__backup=backup, token_q__target_scope=scope, token_q__awr_beta=1.0)
+    graphdef, params = jaxrl_lm.split_model(jaxrl_lm.models.build(cfg.model))
     state = jaxrl_lm.train.init_state(cfg, params)
     episodes = token_episodes(12, seed=3)
     packed = data.episodes_to_batch(episodes, SEQ_LEN, pack=True)
@@ -36,7 +36,7 @@ def test_packed_and_unpacked_batches_give_the_same_losses(backup, scope):
     @jax.jit
     def objective(batch):
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        return loss_fn(cfg, graphdef, state.params, state.target_params, batch, count_decisions(batch, cfg.rl), None)
+        return loss_fn(cfg, graphdef, state.params, state.groups, batch, count_decisions(batch, cfg.rl), None)
 
     loss_p, metrics_p = objective(packed)
     loss_u, metrics_u = objective(unpacked)

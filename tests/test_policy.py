@@ -12,8 +12,8 @@ from jaxrl_lm.data import build_char_tokenizer, parse_episode, tokenize_episode
 from jaxrl_lm.envs.base import Transcript
 from jaxrl_lm.eval import eval_seeds, evaluate_params, evaluate_policy, is_success, markdown_table, write_report
 from jaxrl_lm.models import build
-from jaxrl_lm.policy import load_policy, transcript_turns, truncate_left
-from jaxrl_lm.train.state import split_model
+from jaxrl_lm.model_policy import load_policy, transcript_turns, truncate_left
+from jaxrl_lm.models import split_model
 
 CFG = ModelConfig(vocab_size=260, vocab_pad_multiple=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=64)
 
@@ -113,7 +113,7 @@ def test_evaluation_summary_report_and_evaluate_params(tmp_path):
 
 
 def test_window_prompt_keeps_whole_recent_turns_from_an_observation():
-    from jaxrl_lm.policy import window_prompt, prompt_tokens
+    from jaxrl_lm.model_policy import window_prompt, prompt_tokens
     tok = build_char_tokenizer()
     turns = ["at 1", "go 2", "at 2", "go 3", "at 3"]  # 5 tokens a turn with its EOT
     assert window_prompt(turns, tok, 64).tolist() == prompt_tokens(turns, tok).tolist()

@@ -19,7 +19,8 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 @pytest.fixture(scope="module")
 def cfg():
     # The byte tokenizer's vocabulary, so that train_seeds can read real episodes with the same config.
-    return make_cfg(model__vocab_size=260, rl__target_ema=0.25, train__steps=STEPS)
+    # Batch 8: the loop shards rows over the 8 forced host devices.
+    return make_cfg(model__vocab_size=260, rl__target_ema=0.25, train__steps=STEPS, data__batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_per_seed_batches_match_separate_updates_and_compile_once(cfg, single_up
         assert int(seed_state.step) == STEPS and int(seed_state.skipped) == 0
         chex.assert_trees_all_equal(seed_state.rng, expected_states[i].rng)
         chex.assert_trees_all_close(seed_state.params, expected_states[i].params, **TOL)
-        chex.assert_trees_all_close(seed_state.target_params, expected_states[i].target_params, **TOL)
+        chex.assert_trees_all_close(seed_state.groups["target"], expected_states[i].groups["target"], **TOL)
         chex.assert_trees_all_close(seed_state.opt_state, expected_states[i].opt_state, **TOL)
         chex.assert_trees_all_close({k: v[i] for k, v in metrics.items()}, expected_metrics[i], **TOL)
 

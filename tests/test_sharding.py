@@ -13,7 +13,8 @@ from jaxrl_lm.config import ConfigError, MeshConfig, replace
 from jaxrl_lm.rl import count_decisions
 from jaxrl_lm.train import make_update, sharding
 from jaxrl_lm.train.mesh import device_grid, make_mesh, mesh_shape, place_batch
-from jaxrl_lm.train.state import init_state, model_graphdef, split_model
+from jaxrl_lm.models import model_graphdef, split_model
+from jaxrl_lm.train.state import init_state
 from multihost_worker import make_cfg, synthetic_batch, train_steps
 
 STEPS = 2
@@ -39,7 +40,7 @@ def one_device():
 
     def get(scope):
         if scope not in runs:
-            runs[scope] = run((1, 1, 1), rl__target_scope=scope)
+            runs[scope] = run((1, 1, 1), token_q__target_scope=scope)
         return runs[scope]
 
     return get
@@ -49,7 +50,7 @@ def one_device():
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_update_on_a_mesh_equals_one_device(shape, scope, one_device):
     _, want_losses, want = one_device(scope)
-    par, losses, state = run(shape, rl__target_scope=scope)
+    par, losses, state = run(shape, token_q__target_scope=scope)
     assert par.replicated_fraction <= 0.02
     np.testing.assert_allclose(losses, want_losses, atol=1e-5)
     for (path, got), ref in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(want)):
@@ -91,7 +92,7 @@ def test_sharded_init_equals_host_init():
 
 
 def test_rules_shard_parameters_targets_and_moments():
-    cfg = mesh_cfg((1, 2, 4), rl__target_scope="full")
+    cfg = mesh_cfg((1, 2, 4), token_q__target_scope="full")
     s = sharding.setup_parallelism(cfg).state_sharding
     specs = {
         ("transformer", "wte", "embedding"): P("tensor", "fsdp"),
@@ -102,8 +103,8 @@ def test_rules_shard_parameters_targets_and_moments():
     }
     adam = s.opt_state[1][0]
     for path, spec in specs.items():
-        for tree in (s.params, s.target_params, adam.mu, adam.nu):
-            if path[0] not in tree:  # target_params: the trunk and Q-heads only
+        for tree in (s.params, s.groups["target"], adam.mu, adam.nu):
+            if path[0] not in tree:  # the target group: the trunk and Q-heads only
                 continue
             leaf = tree
             for key in path:

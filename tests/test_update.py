@@ -37,7 +37,7 @@ def random_batch(cfg, seed=0, batch_size=None):
 
 def setup(cfg, seed=0):
     model = jaxrl_lm.models.build(cfg.model, seed=seed)
-    graphdef, params = jaxrl_lm.train.split_model(model)
+    graphdef, params = jaxrl_lm.split_model(model)
     return graphdef, jaxrl_lm.train.init_state(cfg, params)
 
 
@@ -47,35 +47,35 @@ def copy(tree):
 
 @pytest.mark.parametrize("scope", ["heads", "full"])
 def test_no_gradient_reaches_target_params(scope):
-    cfg = make_cfg(rl__target_scope=scope, rl__backup="max")
+    cfg = make_cfg(token_q__target_scope=scope, token_q__backup="max")
     graphdef, state = setup(cfg)
     batch = jax.tree.map(jnp.asarray, random_batch(cfg))
     denom = jaxrl_lm.rl.count_decisions(batch, cfg.rl)
 
     def loss_wrt_target(target):
-        return update_lib.loss_fn(cfg, graphdef, state.params, target, batch, denom, None)[0]
+        return update_lib.loss_fn(cfg, graphdef, state.params, {"target": target}, batch, denom, None)[0]
 
-    grads = jax.grad(loss_wrt_target)(state.target_params)
+    grads = jax.grad(loss_wrt_target)(state.groups["target"])
     for leaf in jax.tree.leaves(grads):
         assert np.all(np.asarray(leaf) == 0)
-    online = jax.grad(lambda p: update_lib.loss_fn(cfg, graphdef, p, state.target_params, batch, denom, None)[0])(
+    online = jax.grad(lambda p: update_lib.loss_fn(cfg, graphdef, p, state.groups, batch, denom, None)[0])(
         state.params)
     assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(online["q_heads"]))
 
 
 @pytest.mark.parametrize("scope", ["heads", "full"])
 def test_target_ema_follows_formula(scope):
-    cfg = make_cfg(rl__target_scope=scope, rl__target_ema=0.25)
+    cfg = make_cfg(token_q__target_scope=scope, rl__target_ema=0.25)
     graphdef, state = setup(cfg)
     # Make the target differ from the online parameters so the formula is checked, not an identity.
-    state = state.replace(target_params=jax.tree.map(lambda x: x + 0.5, state.target_params))
-    target_before = copy(state.target_params)
+    state = state.replace(groups={"target": jax.tree.map(lambda x: x + 0.5, state.groups["target"])})
+    target_before = copy(state.groups["target"])
     new_state, metrics = jaxrl_lm.train.make_update(cfg, graphdef)(state, random_batch(cfg))
     assert float(metrics["update_applied"]) == 1.0
-    assert set(new_state.target_params) == set(jaxrl_lm.train.target_keys(cfg))
+    assert set(new_state.groups["target"]) == set(jaxrl_lm.train.param_groups(cfg)[0].keys)
     expected = jax.tree.map(lambda t, p: t + 0.25 * (np.asarray(p) - t), target_before,
                             {k: new_state.params[k] for k in target_before})
-    chex.assert_trees_all_close(new_state.target_params, expected, atol=1e-6)
+    chex.assert_trees_all_close(new_state.groups["target"], expected, atol=1e-6)
 
 
 def test_accumulation_equals_full_batch_and_syncs_target_once():
@@ -90,7 +90,7 @@ def test_accumulation_equals_full_batch_and_syncs_target_once():
     np.testing.assert_allclose(float(m_a["decisions"]), float(m_b["decisions"]))
     chex.assert_trees_all_close(new_a.params, new_b.params, atol=1e-5)
     # One optimizer step, one EMA application: with eta = 0.5 the target is the midpoint exactly once.
-    chex.assert_trees_all_close(new_a.target_params, new_b.target_params, atol=1e-5)
+    chex.assert_trees_all_close(new_a.groups["target"], new_b.groups["target"], atol=1e-5)
     assert int(new_b.step) == 1
     assert int(new_b.opt_state[-1][0].count) == 1  # Adam's step counter: one real optimizer step
 
@@ -99,13 +99,13 @@ def test_non_finite_batch_is_skipped_and_counted():
     cfg = make_cfg()
     graphdef, state = setup(cfg)
     update = jaxrl_lm.train.make_update(cfg, graphdef)
-    before = copy((state.params, state.target_params, state.opt_state))
+    before = copy((state.params, state.groups["target"], state.opt_state))
     bad = random_batch(cfg)
     bad["reward"][0, np.argmax(bad["action_mask"][0])] = np.nan
     state, metrics = update(state, bad)
     assert float(metrics["update_applied"]) == 0.0
     assert int(state.skipped) == 1 and int(state.step) == 1
-    chex.assert_trees_all_equal((state.params, state.target_params, state.opt_state), before)
+    chex.assert_trees_all_equal((state.params, state.groups["target"], state.opt_state), before)
     state, metrics = update(state, random_batch(cfg, seed=1))
     assert float(metrics["update_applied"]) == 1.0 and int(state.skipped) == 1
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
@@ -129,7 +129,7 @@ def test_update_compiles_once_and_reports_metrics():
 
 @pytest.mark.parametrize("backup", ["expectile", "max", "sarsa"])
 def test_loss_decreases_on_a_fixed_batch(backup):
-    cfg = make_cfg(rl__backup=backup, optim__learning_rate=3e-3)
+    cfg = make_cfg(token_q__backup=backup, optim__learning_rate=3e-3)
     graphdef, state = setup(cfg)
     update = jaxrl_lm.train.make_update(cfg, graphdef)
     batch = random_batch(cfg)

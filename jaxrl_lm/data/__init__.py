@@ -28,13 +28,13 @@ from jaxrl_lm.data.loader import Loader, load_source, loader_throughput, make_lo
 from jaxrl_lm.data.packing import episodes_to_batch, packing_efficiency
 from jaxrl_lm.data.stats import DataStats
 from jaxrl_lm.data.tfds_builder import JaxrlEpisodes, build_dataset, find_dataset_dir, open_dataset
-from jaxrl_lm.data.tokenizer import Tokenizer, build_char_tokenizer, load_tokenizer, train_bpe_tokenizer
+from jaxrl_lm.data.tokenizer import Tokenizer, build_char_tokenizer, load_tokenizer, save_tokenizer, train_bpe_tokenizer
 
 __all__ = [
     "DataStats", "Episode", "EpisodeError", "JaxrlEpisodes", "Loader", "Rejection", "TOKEN_FIELDS", "Tokenizer",
     "TokenizedEpisode", "Turn", "build_char_tokenizer", "build_dataset", "episodes_to_batch", "find_dataset_dir",
     "iter_episodes", "jsonl_records", "layout", "load_source", "load_tokenizer", "loader_throughput",
     "make_loader", "memory_records", "open_dataset", "packing_efficiency", "parse_episode", "read_jsonl",
-    "synthetic_episodes", "to_global_batch", "tokenize_episode", "tokenize_episode_windows", "tokenize_episodes",
-    "train_bpe_tokenizer", "truncate", "write_jsonl",
+    "save_tokenizer", "synthetic_episodes", "to_global_batch", "tokenize_episode", "tokenize_episode_windows",
+    "tokenize_episodes", "train_bpe_tokenizer", "truncate", "write_jsonl",
 ]

@@ -12,7 +12,8 @@
 A relative path that does not exist from the working directory is read from the repository root, as config
 files are (the task configs name ``configs/tokenizers/*.json``). ``train_bpe_tokenizer`` makes a byte-level BPE
 for a dataset (``scripts/make_tokenizer.py``): a model trained from scratch then reads a word such as
-``" right"`` as one token instead of six bytes.
+``" right"`` as one token instead of six bytes. ``save_tokenizer`` writes any of them as a Hugging Face tokenizer
+directory (``transformers.AutoTokenizer.from_pretrained`` loads it), as a model export does.
 
 The episode layout (``convert.py``) needs four ids: BOS starts an episode, EOT ends every turn, PAD fills unused
 positions, EOS is kept for generation. A tokenizer without a dedicated end-of-turn or pad token uses its EOS.
@@ -23,6 +24,7 @@ control token (e.g. a fake end of turn).
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -33,6 +35,9 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from jaxrl_lm.config import REPO_ROOT
 
 CHAR_SPECIALS = ("<pad>", "<bos>", "<eos>", "<eot>")
+# Files of a HF tokenizer directory, copied as they are where a tokenizer travels with a model.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 
 # Conventional spellings per role (first match wins), and whether a missing one falls back to the EOS token.
 _SPECIAL_NAMES: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -189,3 +194,32 @@ def load_tokenizer(path: str | Path = "") -> Tokenizer:
         raise FileNotFoundError(f"data.tokenizer: no tokenizer.json or Hugging Face tokenizer directory at {path}")
     backend = tokenizers.Tokenizer.from_file(str(p))
     return Tokenizer(backend, specials=_conventional_specials(backend, {}, str(p)), name=str(p))
+
+
+def save_tokenizer(tokenizer: Tokenizer | str | Path, out: str | Path) -> Tokenizer:
+    """Writes a tokenizer that ``AutoTokenizer.from_pretrained(out)`` loads; returns it as our ``Tokenizer``.
+
+    ``tokenizer``: a HF tokenizer directory (its files are copied as they are, chat template included), a
+    ``tokenizer.json`` path, ``""`` (the built-in byte tokenizer) or a ``Tokenizer``. The last three are written
+    as a ``PreTrainedTokenizerFast`` (``tokenizer.json`` + ``tokenizer_config.json``) with our BOS/EOS/PAD and the
+    end-of-turn token as an extra special token. (HF encodes special-token text in a string as that token;
+    ``Tokenizer.encode_batch`` encodes it as plain text.)
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, (str, Path)) and (Path(tokenizer) / "tokenizer_config.json").is_file():
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer) / name).is_file():
+                shutil.copy2(Path(tokenizer) / name, out / name)
+        return load_tokenizer(tokenizer)
+    # transformers is slow to import; only writing a HF tokenizer directory needs it.
+    from transformers import PreTrainedTokenizerFast
+
+    ours = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    # A fresh copy: ours encodes special-token text as plain text, which HF users would not expect.
+    backend = tokenizers.Tokenizer.from_str(ours.backend.to_str())
+    s = ours.special_tokens
+    extra = [s["eot"]] if s["eot"] not in (s["bos"], s["eos"], s["pad"]) else []
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=s["bos"], eos_token=s["eos"], pad_token=s["pad"],
+                            additional_special_tokens=extra).save_pretrained(out)
+    return ours

@@ -24,6 +24,7 @@ from jaxrl_lm.envs.base import (
 from jaxrl_lm.data.episodes import write_jsonl
 from jaxrl_lm.envs.normalize import TaskStats, normalize
 from jaxrl_lm.envs.tasks import (
+    TASK_PREFIX,
     TaskSpec,
     behaviour_return,
     dataset_stats,
@@ -34,6 +35,7 @@ from jaxrl_lm.envs.tasks import (
     optimal_return,
     register_task,
     run_policy,
+    task_dataset,
     task_names,
 )
 
@@ -41,6 +43,7 @@ from jaxrl_lm.envs.tasks import (
 from jaxrl_lm.envs import grid, maze, twenty_questions, wordle  # noqa: E402,F401  isort: skip
 
 __all__ = [
+    "TASK_PREFIX",
     "Env",
     "Episode",
     "Policy",
@@ -63,6 +66,7 @@ __all__ = [
     "render_transcript",
     "rollout",
     "run_policy",
+    "task_dataset",
     "task_names",
     "write_jsonl",
 ]

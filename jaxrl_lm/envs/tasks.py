@@ -16,6 +16,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from jaxrl_lm.config import DataConfig
+from jaxrl_lm.data.loader import TASK_PREFIX  # data.path: task:NAME names a built-in task's offline data
 from jaxrl_lm.envs.base import Env, Episode, Policy, register_env, rollout
 from jaxrl_lm.envs.normalize import TaskStats
 
@@ -211,3 +213,18 @@ def dataset_stats(task: str | TaskSpec, episodes: list[Episode], seed: int) -> d
         "eval_steps": spec.eval_steps,
         "num_instances": spec.num_instances,
     }
+
+
+def task_dataset(data_cfg: DataConfig) -> list[Episode]:
+    """The offline dataset of ``data.path: task:NAME``: ``data.task_episodes`` episodes drawn with ``data.seed``.
+
+    The entry points that build a loader resolve such a path with this (``jaxrl_lm.experiments.run``), so the
+    data pipeline never imports the environments.
+    """
+    if not data_cfg.path.startswith(TASK_PREFIX):
+        raise ValueError(f"data.path {data_cfg.path!r} is not a built-in task (task:NAME)")
+    name = data_cfg.path[len(TASK_PREFIX):]
+    if name not in task_names():
+        raise ValueError(f"data.path: unknown built-in task {name!r}; known: {task_names()}")
+    episodes, _ = make_dataset(name, episodes=data_cfg.task_episodes, seed=data_cfg.seed)
+    return episodes

@@ -7,7 +7,7 @@ tied), ``q_heads`` (all K, stacked) and ``v_head``. No module holds RNG state: d
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,11 @@ from jaxrl_lm.models.blocks import compute_dtype
 from jaxrl_lm.models.heads import QHeads, VHead
 from jaxrl_lm.models.layers import dense
 from jaxrl_lm.models.transformer import GPT2Model, KVCache, LlamaModel, init_cache
+
+# A model's parameters as a pure nested dict (``nnx.to_pure_dict``): what training state, checkpoints, sharding
+# rules and Hugging Face export all read. Top-level keys: ``transformer``, ``lm_head`` (untied only), ``q_heads``,
+# ``v_head``.
+Params = dict[str, Any]
 
 
 class QTransformer(nnx.Module):
@@ -111,3 +116,14 @@ def build(cfg: ModelConfig, seed: int | jax.Array = 0) -> QTransformer:
     """
     with nnx.use_eager_sharding(False):
         return nnx.jit(lambda: QTransformer(cfg, nnx.Rngs(params=jax.random.key(seed))))()
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params]:
+    """Static graph and the float32 parameter dict of a built model."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def model_graphdef(model_cfg: ModelConfig) -> nnx.GraphDef:
+    """The static graph of the model of ``model_cfg`` (what ``nnx.merge`` needs); nothing is allocated."""
+    return nnx.split(nnx.eval_shape(lambda: build(model_cfg)), nnx.Param)[0]

@@ -1,4 +1,8 @@
-"""Pure math of token-level Q-learning: arrays in, arrays out (no Flax, no I/O)."""
+"""Pure math of value-based RL for language models: arrays in, arrays out (no Flax, no I/O).
+
+``objective`` is the seam every method plugs into (``Objective``, ``register``, ``get_objective``);
+``token_q`` is token-level Q-learning (ILQL), registered as ``rl.objective: token_q``.
+"""
 
 from jaxrl_lm.rl.losses import (
     awr_weights,
@@ -12,11 +16,13 @@ from jaxrl_lm.rl.losses import (
     q_loss,
     td_target,
 )
-from jaxrl_lm.rl.objective import Heads, bellman_objective, count_decisions, decision_capacity
+from jaxrl_lm.rl.objective import HeadFlops, ModelView, Objective, ParamGroup, get_objective, register, registered
+from jaxrl_lm.rl.token_q import Heads, TokenQConfig, bellman_objective, count_decisions, decision_capacity
 from jaxrl_lm.rl.transitions import Transitions, decision_positions, next_state_index, transitions
 
 __all__ = [
-    "Heads", "Transitions", "awr_weights", "bc_loss", "bellman_objective", "count_decisions", "cql_gap",
-    "cql_loss", "cross_entropy", "decision_capacity", "decision_positions", "expectile_loss",
-    "mask_padded_vocab", "max_backup", "next_state_index", "q_loss", "td_target", "transitions",
+    "HeadFlops", "Heads", "ModelView", "Objective", "ParamGroup", "TokenQConfig", "Transitions", "awr_weights",
+    "bc_loss", "bellman_objective", "count_decisions", "cql_gap", "cql_loss", "cross_entropy", "decision_capacity",
+    "decision_positions", "expectile_loss", "get_objective", "mask_padded_vocab", "max_backup",
+    "next_state_index", "q_loss", "register", "registered", "td_target", "transitions",
 ]

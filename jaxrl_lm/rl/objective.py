@@ -1,159 +1,126 @@
-"""The whole token-level Q-learning objective: transitions -> gathered decision rows -> heads -> losses.
+"""The objective seam: what an RL method gives the engine, and the registry that chooses one by name.
 
-The heads only ever see decision rows. Each row's hidden states ``[L, D]`` are gathered at its decision
-positions into a static buffer of ``M = ceil(decision_fraction * L)`` slots before any head runs, so no
-``[B, L, V]`` tensor exists (and the gathered ``[B, M, D]`` stays sharded along the batch like the batch); the target Q-values at the data action are computed by gathering the output
-weights first (``q_at``), so the target heads never project onto the whole vocabulary unless a ``max`` (or
-``sarsa`` at a truncation) backup needs it. Decisions past a row's ``M`` slots are counted in
-``metrics['decisions_dropped']``, never silently lost (the data loader checks it before training too).
+An ``Objective`` maps one (micro-)batch to ``(loss, metrics)``. It receives its own config section (the
+settings dataclass it registered), the shared ``rl`` section, the ``[B, L]`` batch (``jaxrl_lm.batch``), the
+online trunk's hidden states, a ``ModelView`` per parameter group (the model's callables with that group's
+parameters swapped in) and the loss denominator of the whole optimizer step. It declares the parameter groups
+it reads besides the trained model (EMA targets, frozen references), which of its metrics add up over
+micro-batches, and its head FLOPs. ``train/`` only ever calls these fields, so a new method is a new file that
+calls ``register`` (docs/design.md, section 1)::
+
+    register(Objective(name="my_loss", settings=MySettings, loss=my_loss, denominator=count_rows))
+    cfg = load_config("configs/demo.yaml", rl__objective="my_loss", my_loss__weight=0.5)
+
+Everything here is arrays in, arrays out: a ``ModelView``'s callables are plain functions of arrays.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Mapping, NamedTuple
+import dataclasses
+from typing import Any, Callable, Literal, Mapping, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
-from jaxrl_lm.config import RLConfig
-from jaxrl_lm.rl import losses
-from jaxrl_lm.rl.transitions import monte_carlo_returns, transitions
+from jaxrl_lm.config import ModelConfig, RLConfig, register_section
+
+Batch = Mapping[str, jnp.ndarray]
+Metrics = dict[str, jnp.ndarray]
 
 
-class Heads(NamedTuple):
-    """The model's heads as callables on hidden states ``h [..., D] float32``; outputs float32.
+class ModelView(NamedTuple):
+    """The model under one set of parameters, as callables on arrays; every output is float32.
 
-    q_logits(h) -> [K, ..., V]; q_at(h, a [...] int32) -> [K, ...]; value(h) -> [...]; lm_logits(h) -> [..., V];
-    target_q_logits / target_q_at: the same with the target parameters.
+    hidden(batch) -> ``[B, L, D]``: a deterministic trunk forward (no dropout) of the batch's tokens, reading
+      what ``model.context`` says (``jaxrl_lm.batch.trunk_inputs``).
+    q_logits(h) -> ``[K, ..., Vp]``; q_at(h, a ``[...] int32``) -> ``[K, ...]``; value(h) -> ``[...]``;
+    lm_logits(h) -> ``[..., Vp]`` (ids ``>= vocab_size`` are padding and must be masked).
     """
 
+    hidden: Callable[[Batch], jnp.ndarray]
     q_logits: Callable[[jnp.ndarray], jnp.ndarray]
     q_at: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
     value: Callable[[jnp.ndarray], jnp.ndarray]
     lm_logits: Callable[[jnp.ndarray], jnp.ndarray]
-    target_q_logits: Callable[[jnp.ndarray], jnp.ndarray]
-    target_q_at: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
-def decision_capacity(rl: RLConfig, seq_len: int) -> int:
-    """Static number of decision slots gathered per batch row of length ``seq_len``."""
-    # round() first: 0.07 * 100 is 7.000000000000001 in floating point, which must give 7 slots, not 8.
-    return max(1, math.ceil(round(rl.decision_fraction * seq_len, 6)))
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+    """A named set of parameters kept beside the trained model (``TrainState.groups[name]``).
 
-
-def count_decisions(batch: Mapping[str, jnp.ndarray], rl: RLConfig) -> jnp.ndarray:
-    """|D| of a batch as a float32 scalar (the loss denominator when the batch is the whole optimizer step)."""
-    tr = transitions(batch, gamma=rl.gamma, time_step=rl.time_step)
-    return jnp.sum(tr.decision, dtype=jnp.float32)
-
-
-def _gather(x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
-    """``x [B, L, ...]`` at per-row positions ``index [B, M]`` -> ``[B, M, ...]``."""
-    return jax.vmap(lambda row, i: row[i])(x, index)
-
-
-def _first_positions(mask: jnp.ndarray, capacity: int) -> jnp.ndarray:
-    """Per row, the first ``capacity`` positions where ``mask`` holds, padded with 0. ``[B, L] -> [B, M] int32``."""
-    return jax.vmap(lambda m: jnp.nonzero(m, size=capacity, fill_value=0)[0].astype(jnp.int32))(mask)
-
-
-def bellman_objective(
-    rl: RLConfig,
-    batch: Mapping[str, jnp.ndarray],
-    hidden: jnp.ndarray,
-    target_hidden: jnp.ndarray,
-    heads: Heads,
-    *,
-    vocab_size: int,
-    denominator: jnp.ndarray | None = None,
-) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """Total loss L = lambda_Q L_Q + lambda_V L_V + alpha_CQL L_CQL + lambda_BC L_BC, and its metrics.
-
-    Args:
-      rl: the loss configuration.
-      batch: the ``[B, L]`` fields of ``jaxrl_lm.batch``.
-      hidden: ``[B, L, D] float32`` online trunk states h_i.
-      target_hidden: ``[B, L, D] float32`` states the target heads read (the online ones for
-        ``target_scope: heads``, the target trunk's for ``full``); gradients never flow into them.
-      heads: the head callables.
-      vocab_size: the real vocabulary size; padded ids above it are excluded from every softmax and max.
-      denominator: decision count of the whole optimizer step (global batch, all micro-batches); default: this
-        batch's count.
-
-    Returns:
-      ``(loss [] float32, metrics)``; metrics are device scalars.
+    role: ``ema`` follows the trained parameters after every optimizer step (``theta_bar <- theta_bar + eta
+      (theta - theta_bar)``, ``eta = rl.target_ema``); ``frozen`` is set once (a copy of the initial trained
+      parameters, or parameters given to ``init_state``) and never updated, e.g. the reference policy of a KL
+      constraint.
+    keys: the model's top-level parameter keys it holds (``transformer``, ``lm_head``, ``q_heads``, ``v_head``);
+      the group's ``ModelView`` reads these from the group and every other key from the trained parameters.
     """
-    batch_size, seq_len = batch["tokens"].shape
-    tr = transitions(batch, gamma=rl.gamma, time_step=rl.time_step)
-    n_decisions = jnp.sum(tr.decision, dtype=jnp.float32)
-    if denominator is None:
-        denominator = n_decisions
-    capacity = decision_capacity(rl, seq_len)
 
-    slots = _first_positions(tr.decision, capacity)  # [B, M]
-    row_decisions = jnp.sum(tr.decision, axis=-1, dtype=jnp.int32)
-    weight = (jnp.arange(capacity)[None, :] < row_decisions[:, None]).astype(jnp.float32)
-    n_used = jnp.sum(weight)  # metrics average over the rows that were scored
-    next_slots = _gather(tr.next_index, slots)
-    action, reward, done, discount, next_is_decision, next_action = (
-        _gather(x, slots) for x in (tr.action, tr.reward, tr.done, tr.discount, tr.next_is_decision, tr.next_action)
-    )
+    name: str
+    role: Literal["ema", "frozen"]
+    keys: tuple[str, ...]
 
-    h = _gather(hidden, slots)  # [B, M, D]
-    target_hidden = jax.lax.stop_gradient(target_hidden)
-    target_h = _gather(target_hidden, slots)
-    target_q_taken = jax.lax.stop_gradient(heads.target_q_at(target_h, action))  # [K, B, M]
-    value = heads.value(h)  # [B, M]
 
-    if rl.backup == "expectile":
-        backup = jax.lax.stop_gradient(heads.value(_gather(jax.lax.stop_gradient(hidden), next_slots)))
-    elif rl.backup == "mc":  # the return-to-go at n(i), so that y_i below is the return-to-go at i
-        backup = _gather(monte_carlo_returns(tr, batch["segment_ids"]), next_slots)
-    else:
-        target_next = _gather(target_hidden, next_slots)
-        backup = losses.max_backup(heads.target_q_logits(target_next), vocab_size)
-        if rl.backup == "sarsa":
-            on_policy = jnp.min(heads.target_q_at(target_next, next_action), axis=0)
-            backup = jnp.where(next_is_decision, on_policy, backup)  # a truncation state backs up as `max`
-    backup = jnp.where(weight > 0, backup, 0.0)  # unused buffer rows stay finite
-    target = losses.td_target(reward, done, discount, backup, rl.value_min, rl.value_max)
+@dataclasses.dataclass(frozen=True)
+class HeadFlops:
+    """Model FLOPs an objective adds to the trained trunk's (``jaxrl_lm.train.flops``): extra deterministic trunk
+    forwards over the whole batch (a full-scope target trunk is 1) and every head's FLOPs, forward and backward."""
 
-    metrics: dict[str, jnp.ndarray] = {}
-    if rl.cql_alpha > 0:
-        q_logits = heads.q_logits(h)  # [K, B, M, V]
-        q_taken = jnp.take_along_axis(q_logits, jnp.broadcast_to(action[None, ..., None], q_logits.shape[:-1] + (1,)),
-                                      axis=-1)[..., 0]
-        cql = losses.cql_loss(q_logits, action, rl.cql_temperature, vocab_size, weight, denominator)
-        gap = losses.cql_gap(jax.lax.stop_gradient(q_logits), jax.lax.stop_gradient(q_taken), vocab_size)
-        metrics["cql_gap"] = losses.weighted_mean(jnp.mean(gap, axis=0), weight, n_used)
-    else:
-        q_taken = heads.q_at(h, action)
-        cql = jnp.float32(0.0)
+    trunk_forwards: int
+    heads: float
 
-    q = losses.q_loss(q_taken, target, weight, denominator)
-    v = (losses.expectile_loss(target_q_taken, value, rl.expectile_tau, weight, denominator)
-         if rl.backup == "expectile" else jnp.float32(0.0))
-    if rl.lambda_bc > 0:
-        awr = losses.awr_weights(target_q_taken, value, rl.awr_beta, rl.awr_max_weight)
-        bc = losses.bc_loss(heads.lm_logits(h), action, awr, vocab_size, weight, denominator)
-        metrics["awr_weight_mean"] = losses.weighted_mean(awr, weight, n_used)
-    else:
-        bc = jnp.float32(0.0)
 
-    loss = rl.lambda_q * q + rl.lambda_v * v + rl.cql_alpha * cql + rl.lambda_bc * bc
-    q_mean = jnp.mean(jax.lax.stop_gradient(q_taken), axis=0)
-    metrics.update(
-        loss=loss,
-        q_loss=q,
-        v_loss=v,
-        cql_loss=cql,
-        bc_loss=bc,
-        q_mean=losses.weighted_mean(q_mean, weight, n_used),
-        v_mean=losses.weighted_mean(jax.lax.stop_gradient(value), weight, n_used),
-        target_mean=losses.weighted_mean(target, weight, n_used),
-        td_error=losses.weighted_mean(jnp.abs(q_mean - target), weight, n_used),
-        decisions=n_decisions,
-        decisions_dropped=jnp.sum(jnp.maximum(row_decisions - capacity, 0), dtype=jnp.float32),
-    )
-    return loss, metrics
+def _no_groups(settings: Any, rl: RLConfig) -> tuple[ParamGroup, ...]:
+    return ()
+
+
+def _no_head_flops(settings: Any, rl: RLConfig, model: ModelConfig, batch_size: int, seq_len: int) -> HeadFlops:
+    return HeadFlops(trunk_forwards=0, heads=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """One RL method, as the engine sees it.
+
+    name: the registry key (``rl.objective``) and the name of its config section.
+    settings: the frozen dataclass of its config section (defaults documented beside its fields).
+    loss: ``loss(settings, rl, batch, hidden, views, denominator, *, vocab_size) -> (loss [] float32, metrics)``;
+      ``hidden [B, L, D] float32`` are the online trunk's states (with dropout when training uses it), ``views``
+      maps ``"online"`` and every declared group's name to a ``ModelView``, ``denominator`` is what every summed
+      term is divided by. Gradients flow only into the online parameters.
+    denominator: ``denominator(settings, rl, batch) -> [] float32``, computed once on the whole optimizer step's
+      batch, so that micro-batches and devices add up to the loss of the whole batch.
+    groups: ``groups(settings, rl) -> tuple[ParamGroup, ...]``, the parameter groups it reads.
+    summed_metrics: metrics that add up over micro-batches (loss terms already divided by the whole step's
+      denominator, and counts); every other metric is averaged over them.
+    head_flops: ``head_flops(settings, rl, model, batch_size, seq_len) -> HeadFlops`` for MFU reports.
+    """
+
+    name: str
+    settings: type
+    loss: Callable[..., tuple[jnp.ndarray, Metrics]]
+    denominator: Callable[[Any, RLConfig, Batch], jnp.ndarray]
+    groups: Callable[[Any, RLConfig], tuple[ParamGroup, ...]] = _no_groups
+    summed_metrics: frozenset[str] = frozenset({"loss"})
+    head_flops: Callable[[Any, RLConfig, ModelConfig, int, int], HeadFlops] = _no_head_flops
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+    """Adds ``objective`` to the registry (replacing one of the same name) and its section to the config."""
+    register_section(objective.name, objective.settings)
+    _REGISTRY[objective.name] = objective
+    return objective
+
+
+def get_objective(name: str) -> Objective:
+    """The registered objective ``name`` (``rl.objective``)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"rl.objective: no objective {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def registered() -> tuple[str, ...]:
+    """The names of the registered objectives."""
+    return tuple(sorted(_REGISTRY))

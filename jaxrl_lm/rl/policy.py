@@ -70,6 +70,43 @@ def policy_scores(
     return log_pi + beta * advantage
 
 
+def merged_policy_weights(kind: str, lm_weight, q_weight, beta, temperature):
+    """The weights ``W'`` of one linear layer whose softmax is policy ``kind`` at temperature ``temperature``.
+
+    The exactly-mergeable case: a single Q head (``K = 1``) that is linear in the hidden state ``h`` with a bias
+    that is the same for every action, ``Q(h, a) = h . q_weight[a] + b``. Then ``softmax(h @ W'.T)`` equals
+    ``softmax(policy_scores(kind, h @ lm_weight.T, Q, V, beta, vocab_size) / temperature)``, because the scores
+    differ from ``h . W'[a] * temperature`` only by a per-state constant, which softmax ignores:
+
+    - ``bc``:   ``log_softmax(l)(a) = l(a) - logsumexp(l)``; the normaliser is the same for every ``a``.
+    - ``ilql``: ``log_softmax(LM)(a) + beta * (Q(h, a) - V(h)) = h . (lm_weight[a] + beta * q_weight[a]) + c(h)``
+      with ``c(h) = -logsumexp(LM(h)) + beta * (b - V(h))``: the normaliser, ``V(h)`` and the bias ``b`` fold in.
+    - ``q``:    ``min_k Q_k(h, a) = Q(h, a) = h . q_weight[a] + b``; ``b`` folds in.
+
+    It is not exact (and callers must refuse to merge) for ``K > 1`` (a min over heads is not linear in ``h``), an
+    mlp head, or a bias that differs between actions. Ids ``>= vocab_size`` score -inf in ``policy_scores``
+    (probability 0); pass only the real vocabulary's rows, and the softmax over those ids is the same.
+
+    Plain arithmetic on its arguments: NumPy arrays give NumPy, jax arrays give jax.
+
+    Args:
+      kind: ``"bc"``, ``"ilql"`` or ``"q"``.
+      lm_weight: ``[V, D]`` LM-head rows (``LM(h) = h @ lm_weight.T``); bc, ilql (None for q).
+      q_weight: ``[V, D]`` rows of the one linear Q head; ilql, q (None for bc).
+      beta: scalar, the advantage weight of ilql.
+      temperature: positive scalar.
+
+    Returns:
+      ``[V, D]``: ``lm_weight / T`` (bc), ``(lm_weight + beta * q_weight) / T`` (ilql), ``q_weight / T`` (q).
+    """
+    check_kind(kind)
+    if kind == "bc":
+        return lm_weight / temperature
+    if kind == "q":
+        return q_weight / temperature
+    return (lm_weight + beta * q_weight) / temperature
+
+
 def top_k_mask(scores: jnp.ndarray, k: int) -> jnp.ndarray:
     """``[..., V] -> [..., V]`` bool: the ``k`` highest scores (ties with the k-th are kept); all when ``k <= 0``."""
     if k <= 0 or k >= scores.shape[-1]:

@@ -36,7 +36,7 @@ from jaxrl_lm.config import REPO_ROOT, Config, ConfigError, load_config
 from jaxrl_lm.topology import GIB, Topology, parse_topology
 from jaxrl_lm.train.flops import update_flops
 from jaxrl_lm.train.sharding import compiled_bytes_per_device, setup_parallelism
-from jaxrl_lm.train.state import model_graphdef
+from jaxrl_lm.models import model_graphdef
 from jaxrl_lm.train.update import make_update
 
 # The compiler each platform needs on a machine without the hardware: module to find, package that brings it.

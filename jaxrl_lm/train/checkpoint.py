@@ -1,11 +1,9 @@
-"""Checkpoints: Orbax CheckpointManager directories that hold everything a run needs to continue exactly.
+"""Writing checkpoints and restoring a whole TrainState, so that a run continues exactly.
 
-A checkpoint of step ``s`` is the directory ``<train.out_dir>/checkpoints/<s>/`` with three items:
-
-    state/    the TrainState after ``s`` optimizer steps (params, target params, float32 optax state, step,
-              skipped, rng key data), written by ``StandardSave`` (array-by-array, any sharding)
-    data/     ``Loader.get_state()`` after ``s`` batches (JSON)
-    config/   the resolved config (JSON), checked against the resuming run's config
+The layout (``<train.out_dir>/checkpoints/<step>/`` with ``state``, ``data`` and ``config`` items) and reading a
+run's parameters are ``jaxrl_lm.checkpoints``, below this package; here is what only training needs: the
+asynchronous manager, ``save``, ``restore`` of a TrainState onto any shardings (any mesh), the resume checks and
+the preemption notice.
 
 Saves are asynchronous: ``save`` returns once the arrays are copied off the devices, and files are written in a
 background thread. Orbax writes into ``<s>.orbax-checkpoint-tmp`` and renames it to ``<s>`` only when every
@@ -31,14 +29,31 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from jaxrl_lm.config import Config, ConfigError, TrainConfig, replace
+from jaxrl_lm.checkpoints import (
+    CHECKPOINT_SUBDIR,
+    ITEMS,
+    LEGACY_TARGET,
+    checkpoint_dir,
+    complete_steps,
+    config_of,
+    existing_step,
+    latest_step,
+    read_config,
+    reader,
+    saved_state_keys,
+)
+from jaxrl_lm.config import Config, ConfigError, TrainConfig, from_dict
 from jaxrl_lm.train.state import TrainState, abstract_train_state
 
-CHECKPOINT_SUBDIR = "checkpoints"
-ITEMS = ("state", "data", "config")
+__all__ = [
+    "CHECKPOINT_SUBDIR", "ITEMS", "RESUME_KEYS", "PreemptionNotice", "Restored", "abstract_state",
+    "check_resume_config", "checkpoint_dir", "complete_steps", "latest_step", "make_manager", "read_config",
+    "restore", "save",
+]
 
 # Config keys a checkpoint's arrays and meaning depend on: a resume must not change them. A key ending in "."
-# covers its whole section. Everything else (train.steps, optim.learning_rate, logging) may change on resume.
+# covers its whole section; the chosen objective's own section is watched too. Everything else (train.steps,
+# optim.learning_rate, logging) may change on resume.
 RESUME_KEYS = ("model.", "rl.", "data.seq_len", "data.batch_size")
 
 
@@ -50,11 +65,6 @@ class Restored:
     state: TrainState
     loader_state: dict[str, Any]
     config: dict[str, Any]
-
-
-def checkpoint_dir(cfg: Config) -> Path:
-    """``<train.out_dir>/checkpoints``, absolute (Orbax requires absolute paths)."""
-    return (Path(cfg.train.out_dir) / CHECKPOINT_SUBDIR).absolute()
 
 
 def _preservation(t: TrainConfig) -> preservation.PreservationPolicy:
@@ -114,27 +124,6 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, loader
     )
 
 
-def _reader(directory: str | Path) -> ocp.CheckpointManager:
-    path = Path(directory).absolute()
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory at {path}")
-    return ocp.CheckpointManager(path, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
-
-
-def complete_steps(directory: str | Path) -> list[int]:
-    """Steps with a finished checkpoint under ``directory``, ascending (tmp directories are not steps)."""
-    if not Path(directory).is_dir():
-        return []
-    with _reader(directory) as reader:
-        return sorted(reader.all_steps())
-
-
-def latest_step(directory: str | Path) -> int | None:
-    """The newest complete step under ``directory``; None when there is none (or no directory)."""
-    steps = complete_steps(directory)
-    return steps[-1] if steps else None
-
-
 def abstract_state(cfg: Config, sharding: jax.sharding.Sharding | Any) -> TrainState:
     """The TrainState of ``cfg`` as ``jax.ShapeDtypeStruct`` leaves (no memory is allocated) on ``sharding``.
 
@@ -145,33 +134,6 @@ def abstract_state(cfg: Config, sharding: jax.sharding.Sharding | Any) -> TrainS
     if isinstance(sharding, jax.sharding.Sharding):
         sharding = jax.tree.map(lambda _: sharding, shapes)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)
-
-
-def config_from_dict(saved: Mapping[str, Any]) -> Config:
-    """A Config from a checkpoint's saved config dict (keys added since then take their defaults)."""
-    return replace(Config(), **{f"{section}__{k}": v for section, fields in saved.items() for k, v in fields.items()})
-
-
-def _existing_step(reader: ocp.CheckpointManager, step: int | None) -> int:
-    """``step`` if it is complete in ``reader``'s directory, or the newest complete step when None."""
-    steps = sorted(reader.all_steps())
-    if step is None and steps:
-        return steps[-1]
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {reader.directory}")
-    if step not in steps:
-        raise FileNotFoundError(f"no complete checkpoint of step {step} in {reader.directory}; complete: {steps}")
-    return step
-
-
-def _config_of(reader: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    return reader.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-
-
-def read_config(directory: str | Path, step: int | None = None) -> dict[str, Any]:
-    """The resolved config dict saved with step ``step`` (default: the newest complete one)."""
-    with _reader(directory) as reader:
-        return _config_of(reader, _existing_step(reader, step))
 
 
 def restore(directory: str | Path, target: TrainState | jax.sharding.Sharding, step: int | None = None) -> Restored:
@@ -185,17 +147,35 @@ def restore(directory: str | Path, target: TrainState | jax.sharding.Sharding, s
         checkpoint's own config.
       step: a complete step; None = the newest.
     Returns:
-      ``Restored``: state (float32 params and optimizer moments, int32 step/skipped, uint32 rng key data),
-      the loader state and the saved config dict.
+      ``Restored``: state (float32 params, groups and optimizer moments, int32 step/skipped, uint32 rng key
+      data), the loader state and the saved config dict.
+
+    A checkpoint from before parameter groups (``target_params``) restores with its target as
+    ``groups["target"]``.
     """
-    with _reader(directory) as reader:
-        step = _existing_step(reader, step)
-        saved_config = _config_of(reader, step)
+    with reader(directory) as r:
+        step = existing_step(r, step)
+        saved_config = config_of(r, step)
         if isinstance(target, jax.sharding.Sharding):
-            target = abstract_state(config_from_dict(saved_config), target)
-        items = reader.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    return Restored(step=step, state=items.state, loader_state=items.data, config=saved_config)
+            target = abstract_state(from_dict(saved_config), target)
+        legacy = LEGACY_TARGET in saved_state_keys(r, step)
+        if legacy:
+            if set(target.groups) != {"target"}:
+                raise ConfigError(f"{Path(directory) / str(step)} was written before parameter groups and holds "
+                                  f"one EMA target; the objective of this config declares the groups "
+                                  f"{sorted(target.groups)}: resume it with the objective that wrote it")
+            fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target) if f.name != "groups"}
+            item = {**fields, LEGACY_TARGET: target.groups["target"]}
+        else:
+            item = target
+        items = r.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(item), data=ocp.args.JsonRestore()))
+    state = items.state
+    if legacy:
+        state = TrainState(params=state["params"], groups={"target": state[LEGACY_TARGET]},
+                           opt_state=state["opt_state"], step=state["step"], skipped=state["skipped"],
+                           rng=state["rng"])
+    return Restored(step=step, state=state, loader_state=items.data, config=saved_config)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -213,9 +193,10 @@ def check_resume_config(saved: Mapping[str, Any], cfg: Config, where: str | Path
 
     The error lists every such key with both values; ``train.steps`` and other keys may change.
     """
-    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    old, new = _flatten(from_dict(saved).to_dict()), _flatten(cfg.to_dict())  # older layouts read as today's
+    prefixes = (*RESUME_KEYS, f"{cfg.rl.objective}.")
     watched = sorted(k for k in old.keys() | new.keys()
-                     if any(k.startswith(p) if p.endswith(".") else k == p for p in RESUME_KEYS))
+                     if any(k.startswith(p) if p.endswith(".") else k == p for p in prefixes))
     diffs = [f"{k}: checkpoint {old.get(k, '<absent>')!r}, config {new.get(k, '<absent>')!r}"
              for k in watched if old.get(k) != new.get(k)]
     if diffs:

@@ -7,17 +7,10 @@ Per token of the batch (``T = B * L`` tokens), with ``D`` the width, ``F`` the M
 vocabulary, ``H``/``Hkv`` query/key-value heads of size ``d``, ``n`` layers and ``L`` the row length:
 
 - trunk:      ``n * (2 D (H + 2 Hkv) d + 2 H d D + 2 D F m + 4 L H d)``, ``m`` = 2 (gpt2) or 3 (llama gated),
-  the last term the attention scores and weighted sum over all ``L`` keys (what the dense kernel computes);
-- a full-scope target trunk adds the trunk forward again (1x).
+  the last term the attention scores and weighted sum over all ``L`` keys (what the dense kernel computes).
 
-Per gathered decision slot (``S = B * M`` slots, ``M = ceil(decision_fraction * L)``), with ``E`` the Q-head
-hidden width (``q_head_hidden_mult * D``, or none for a linear head):
-
-- LM head (BC):             ``2 D V``, trained (only when ``lambda_bc > 0``);
-- K online Q-heads:         ``K (2 D E + 2 E V)`` trained with CQL, else ``K (2 D E + 2 E)`` (``q_at``);
-- V head:                   ``2 D E + 2 E`` trained;
-- K target Q-heads at a_i:  ``K (2 D E + 2 E)`` forward (``q_at``: the output column is gathered first);
-- the backup at n(i):       expectile ``2 D E + 2 E`` forward; max / sarsa ``K (2 D E + 2 E V)`` forward.
+The heads' FLOPs (and any extra trunk forward, e.g. a full-scope target trunk: 1x) come from the objective
+(``Objective.head_flops``; ``jaxrl_lm.rl.token_q.token_q_head_flops`` documents token-level Q-learning's).
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxrl_lm.config import Config
-from jaxrl_lm.rl import decision_capacity
+from jaxrl_lm.rl import get_objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,24 +44,8 @@ def trunk_flops_per_token(cfg: Config, seq_len: int) -> float:
 
 def update_flops(cfg: Config, batch_size: int, seq_len: int) -> UpdateFlops:
     """Model FLOPs of one optimizer step on a ``[batch_size, seq_len]`` batch."""
-    m, rl = cfg.model, cfg.rl
     tokens = batch_size * seq_len
-    slots = batch_size * decision_capacity(rl, seq_len)
-    D, V, K = m.d_model, m.padded_vocab_size, m.n_q_heads
-    E = m.q_head_hidden_mult * D if m.q_head == "mlp" else 0
-    q_in = 2 * D * E if E else 0  # first layer of an MLP head
-    width = E or D  # what the output layer reads
-
-    trunk = 3 * trunk_flops_per_token(cfg, seq_len) * tokens
-    if rl.target_scope == "full":
-        trunk += trunk_flops_per_token(cfg, seq_len) * tokens
-
-    q_full = q_in + 2 * width * V
-    q_one = q_in + 2 * width
-    heads_trained = (K * q_full if rl.cql_alpha > 0 else K * q_one) + q_one  # Q-heads and the V head
-    if rl.lambda_bc > 0:
-        heads_trained += 2 * D * V
-    backup_forward = {"expectile": q_one, "mc": 0}.get(rl.backup, K * q_full)  # max / sarsa read every action
-    heads_forward = K * q_one + backup_forward
-    heads = slots * (3 * heads_trained + heads_forward)
-    return UpdateFlops(trunk=trunk, heads=float(heads), per_token=(trunk + heads) / tokens)
+    objective = get_objective(cfg.rl.objective)
+    extra = objective.head_flops(cfg.objective, cfg.rl, cfg.model, batch_size, seq_len)
+    trunk = (3 + extra.trunk_forwards) * trunk_flops_per_token(cfg, seq_len) * tokens
+    return UpdateFlops(trunk=trunk, heads=extra.heads, per_token=(trunk + extra.heads) / tokens)

@@ -1,34 +1,41 @@
-"""The training loop: config -> data -> model -> jitted update in a loop -> logs and metrics files.
+"""The host loop: data -> jitted update in a loop -> logs, checkpoints and the hooks the caller passes in.
 
-    python scripts/train.py --config configs/demo.yaml train.steps=500 rl.backup=max
+One loop for one run or a stack of seeds (``seeds=[...]``: every TrainState leaf gets a leading ``[N]`` axis and
+the update is ``jax.vmap`` of the single-seed one, every seed reading the same batches), with the same checks for
+both: sharding, resume, SIGTERM saves, the non-finite guard's counts, the dropped-decision stop and logging.
 
 Writes into ``train.out_dir``: ``config.yaml`` (the resolved config), TensorBoard scalars, ``metrics.jsonl`` (one
-line per log step), ``final_metrics.json`` and ``checkpoints/`` (asynchronous Orbax checkpoints every
-``train.checkpoint_every`` steps, at the last step and on SIGTERM; ``--resume`` continues from the newest). The
-host reads device metrics only every ``train.log_every`` steps (and at checkpoints), so the steps in between run
-back to back without a host sync.
+line per log step; with seeds, the mean over seeds and ``per_seed`` lists), ``final_metrics.json`` and
+``checkpoints/`` (asynchronous Orbax checkpoints every ``train.checkpoint_every`` steps, at the last step and on
+SIGTERM; ``resume=True`` continues from the newest). The host reads device metrics only every
+``train.log_every`` steps (and at checkpoints), so the steps in between run back to back without a host sync.
+
+Evaluation, learning curves and data collection are ``Hook``s that the entry point passes in (``train/`` never
+imports the environments, policies or evaluation): ``jaxrl_lm.experiments.run`` builds them from the config.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxrl_lm import data, distributed
-from jaxrl_lm.config import Config, ConfigError, load_config, to_yaml
-from jaxrl_lm.rl import decision_capacity
+from jaxrl_lm.config import Config, ConfigError, to_yaml
+from jaxrl_lm.models import model_graphdef
 from jaxrl_lm.train import checkpoint
 from jaxrl_lm.train.mesh import place_batch
-from jaxrl_lm.train.sharding import init_sharded_state, setup_parallelism
-from jaxrl_lm.train.state import TrainState, model_graphdef
-from jaxrl_lm.train.update import make_update
+from jaxrl_lm.train.sharding import Parallelism, setup_parallelism
+from jaxrl_lm.train.state import TrainState, init_state
+from jaxrl_lm.train.update import build_update_fn, micro_sharding
 
 def check_vocab(cfg: Config, tokenizer: data.Tokenizer) -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -50,14 +57,15 @@ class MetricsLog:
             self.writer = SummaryWriter(str(out_dir))
             self.jsonl = (out_dir / "metrics.jsonl").open("a")
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    def write(self, step: int, metrics: Mapping[str, float], per_seed: Optional[Mapping[str, list]] = None) -> None:
         """Scalars go to TensorBoard as ``train/<name>``, or under their own name when it has a ``/``
-        (``eval/<policy>/<field>``)."""
+        (``eval/<policy>/<field>``); ``per_seed`` (a stacked run's values per seed) goes to the JSONL line."""
         if not self.enabled:
             return
         for k, v in metrics.items():
             self.writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = {"step": step, **metrics, **({"per_seed": dict(per_seed)} if per_seed else {})}
+        self.jsonl.write(json.dumps(line) + "\n")
         self.jsonl.flush()
 
     def close(self) -> None:
@@ -86,58 +94,122 @@ def resume_step(cfg: Config, resume: bool) -> int | None:
     return step
 
 
-def _restore(cfg: Config, step: int, target: TrainState, loader: data.Loader) -> TrainState:
-    """The checkpointed state of ``step`` onto ``target`` (abstract, sharded); ``loader`` moves past it."""
-    directory = checkpoint.checkpoint_dir(cfg)
-    restored = checkpoint.restore(directory, target, step)
-    loader.set_state(restored.loader_state)
-    return restored.state
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What a hook sees after an update.
+
+    step: the optimizer steps done (1-based). last: whether it is the run's last step. saving: whether this
+    step writes a checkpoint (known only to hooks run at checkpoints). state: the TrainState after the step
+    (stacked ``[N, ...]`` when ``seeds`` is set); it is donated to the next update, so a hook must not keep it
+    (``jax.device_get`` what it needs). batch: the ``[B, L]`` numpy batch the step consumed (this process's
+    rows). metrics: the step's device metrics (``[N]`` each with seeds). seeds: the stacked seeds, or None.
+    """
+
+    cfg: Config
+    step: int
+    last: bool
+    saving: bool
+    state: TrainState
+    batch: Mapping[str, np.ndarray]
+    metrics: Mapping[str, jax.Array]
+    seeds: Optional[tuple[int, ...]]
+    out_dir: Path
+    is_main: bool
 
 
-def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+HookFn = Callable[[StepContext], Optional[Mapping[str, float]]]
 
 
-def _evaluate(cfg: Config, state: TrainState, step: int, out_dir: Path, is_main: bool) -> dict[str, float]:
-    """Plays the ``eval`` section's policies with the online parameters; appends each result to
-    ``out_dir/eval.jsonl`` and returns the ``eval/<policy>/<field>`` metrics."""
-    from jaxrl_lm.eval import evaluate_training_policies, training_metrics  # the envs load only when asked
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """``fn(ctx)`` run on the host after the updates it is due at: every ``every`` steps (0 = none), after the
+    last step (``at_end``) and at every step that writes a checkpoint (``at_checkpoints``: e.g. an evaluation
+    that ranks checkpoints). ``fn`` may return host-float metrics: they are logged (TensorBoard, metrics.jsonl)
+    and handed to the checkpoint of that step (``train.keep_best_metric`` may name one)."""
 
-    results = evaluate_training_policies(cfg, state.params, seed=cfg.train.seed)
-    if is_main:
-        with (out_dir / "eval.jsonl").open("a") as f:
-            for r in results:
-                f.write(json.dumps({"step": step, **r}, default=_json_default) + "\n")
-        tqdm.write(f"step {step}: " + ", ".join(
-            f"{r['policy']['kind']} {r.get('normalized_score', r['mean_return']):.1f}" for r in results))
-    return training_metrics(results)
+    fn: HookFn
+    every: int = 0
+    at_end: bool = True
+    at_checkpoints: bool = False
+
+    def due(self, step: int, last: bool) -> bool:
+        return bool(self.every and step % self.every == 0) or (self.at_end and last)
 
 
-def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str, Any]] | None = None,
-          resume: bool = False,
-          step_hook: Callable[[int, Mapping[str, np.ndarray]], None] | None = None) -> dict:
+def _host_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, list]]:
+    """``(values, per_seed)``: scalars as floats; a stacked run's ``[N]`` metrics as their mean, with the
+    per-seed lists beside."""
+    host = jax.device_get(metrics)
+    values = {k: float(np.mean(v)) for k, v in host.items()}
+    per_seed = {k: np.asarray(v).tolist() for k, v in host.items() if np.ndim(v) == 1}
+    return values, per_seed
+
+
+def stacked_sharding(sharding: TrainState) -> TrainState:
+    """Shardings of a stack of states: each leaf's sharding with a leading unsplit seed axis."""
+    return jax.tree.map(lambda sh: NamedSharding(sh.mesh, PartitionSpec(None, *sh.spec)), sharding)
+
+
+def _abstract(cfg: Config, par: Parallelism, seeds: Optional[tuple[int, ...]]) -> tuple[TrainState, TrainState]:
+    """``(state shardings, abstract state)`` of a single run or of a stack of ``len(seeds)`` runs."""
+    if seeds is None:
+        return par.state_sharding, par.abstract_state
+    sharding = stacked_sharding(par.state_sharding)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct((len(seeds), *s.shape), s.dtype, sharding=sh),
+                            par.abstract_state, sharding)
+    return sharding, abstract
+
+
+def initial_state(cfg: Config, sharding: TrainState, seeds: Optional[tuple[int, ...]]) -> TrainState:
+    """A fresh state on its shardings (no device or host ever holds a whole copy); with ``seeds``, one per seed
+    stacked, seed ``i`` equal to ``init_state(cfg, seed=seeds[i])``."""
+    if seeds is None:
+        return jax.jit(lambda: init_state(cfg), out_shardings=sharding)()
+    stacked = jax.vmap(lambda seed: init_state(cfg, seed=seed))
+    return jax.jit(stacked, out_shardings=sharding)(jnp.asarray(seeds, jnp.int32))
+
+
+def make_loop_update(cfg: Config, par: Parallelism, sharding: TrainState, seeds: Optional[tuple[int, ...]]):
+    """The jitted update of the loop: ``make_update``'s, vmapped over the seed axis when ``seeds`` is set (the
+    batch is shared: ``in_axes=None``)."""
+    fn = build_update_fn(cfg, model_graphdef(cfg.model),
+                         micro_sharding(par.batch_sharding) if cfg.optim.grad_accum > 1 else None)
+    if seeds is not None:
+        fn = jax.vmap(fn, in_axes=(0, None))
+    return jax.jit(fn, donate_argnums=0, in_shardings=(sharding, par.batch_sharding), out_shardings=(sharding, None))
+
+
+def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence[Hook] = (),
+          episodes: Iterable[Mapping[str, Any]] | None = None, resume: bool = False, progress: bool = True,
+          outputs: bool = True) -> dict:
     """Trains up to ``train.steps`` optimizer steps; returns the last logged metrics (host floats).
 
-    ``episodes`` (dicts in the JSONL episode format) replace ``data.path`` when given (a notebook's data).
-    ``resume`` continues from the newest complete checkpoint in ``<train.out_dir>/checkpoints`` (params,
-    optimizer state, rng and data position; ``train.steps`` may be raised). With ``eval.every`` set, the
-    online policies play ``eval.task`` every that many steps and at the last step (``eval.jsonl``, and
-    ``eval/<policy>/<field>`` in metrics.jsonl and TensorBoard; ``train.keep_best_metric`` may name one, and
-    then every checkpoint step is evaluated too). ``step_hook(step, batch)`` runs on
-    the host after each update with the ``[B, L]`` numpy batch it consumed. A SIGTERM saves a checkpoint at
-    the next step boundary and returns early with ``preempted: true``.
+    Args:
+      cfg: the run. ``data.path`` must be a JSONL file or a built dataset unless ``episodes`` is given (a
+        built-in ``task:NAME`` is resolved by the entry point: ``jaxrl_lm.experiments.run``).
+      seeds: train ``len(seeds)`` runs side by side in one compiled update (``train.seed`` of each; all read the
+        batches ``data.seed`` orders); None = one run of ``train.seed``.
+      hooks: ``Hook``s run after the steps they are due at, in order (evaluation, curves, data collection).
+      episodes: episode dicts (the JSONL format) used instead of ``data.path``.
+      resume: continue from the newest complete checkpoint in ``<train.out_dir>/checkpoints`` (params, groups,
+        optimizer state, rng and data position; ``train.steps`` may be raised).
+      outputs: False writes nothing (no config, logs or checkpoints; ``resume`` is then unavailable).
+
+    A SIGTERM saves a checkpoint at the next step boundary and returns early with ``preempted: true``. A step
+    whose objective reports ``decisions_dropped`` stops the run (raise ``rl.decision_fraction``).
     """
     out_dir = Path(cfg.train.out_dir)
     is_main = distributed.initialize(cfg).is_main
-    if cfg.eval.every and jax.process_count() > 1:
-        raise ConfigError("eval.every: evaluation during training runs in a single process; set eval.every=0 and "
-                          "evaluate the checkpoints with scripts/evaluate.py")
-    rank_by_eval = cfg.train.keep_best_metric.startswith("eval/")
-    if rank_by_eval and not cfg.eval.every:
+    seeds = None if seeds is None else tuple(int(s) for s in seeds)
+    if seeds is not None and not seeds:
+        raise ValueError("train: seeds is empty; give at least one seed, or None for one run of train.seed")
+    if not outputs and resume:
+        raise ValueError("train: resume needs the run's checkpoints; outputs=False writes none")
+    if cfg.train.keep_best_metric.startswith("eval/") and not any(h.at_checkpoints for h in hooks):
         raise ConfigError(f"train.keep_best_metric {cfg.train.keep_best_metric!r} is an evaluation metric: set "
-                          f"eval.every")
-    start = resume_step(cfg, resume)
-    if is_main:
+                          f"eval.every (and train through jaxrl_lm.experiments.run, which evaluates)")
+    start = resume_step(cfg, resume) if outputs else None
+    if is_main and outputs:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
 
@@ -146,19 +218,20 @@ def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str,
     loader = data.make_loader(cfg.data, tokenizer=tokenizer, episodes=episodes,
                               process_index=jax.process_index(), process_count=jax.process_count())
     par = setup_parallelism(cfg)
-    if is_main:
+    if is_main and progress:
         tqdm.write(par.summary())
-    # Fresh and restored states both land on par.state_sharding, so that a resumed run compiles (and runs) the
+    sharding, abstract = _abstract(cfg, par, seeds)
+    # Fresh and restored states both land on these shardings, so that a resumed run compiles (and runs) the
     # very program an uninterrupted one does.
     if start is None:
-        state = init_sharded_state(cfg, par)
+        state = initial_state(cfg, sharding, seeds)
     else:
-        state = _restore(cfg, start, par.abstract_state, loader)
-    update = make_update(cfg, model_graphdef(cfg.model), state_sharding=par.state_sharding,
-                         batch_sharding=par.batch_sharding)
-    log = MetricsLog(out_dir, is_main)
-    capacity = decision_capacity(cfg.rl, cfg.data.seq_len)
-    manager = checkpoint.make_manager(checkpoint.checkpoint_dir(cfg), cfg.train)
+        restored = checkpoint.restore(checkpoint.checkpoint_dir(cfg), abstract, start)
+        loader.set_state(restored.loader_state)
+        state = restored.state
+    update = make_loop_update(cfg, par, sharding, seeds)
+    log = MetricsLog(out_dir, is_main and outputs)
+    manager = checkpoint.make_manager(checkpoint.checkpoint_dir(cfg), cfg.train) if outputs else None
     every = cfg.train.checkpoint_every
 
     first = 1 if start is None else start + 1
@@ -166,55 +239,75 @@ def train(cfg: Config, *, progress: bool = True, episodes: Iterable[Mapping[str,
     bar = tqdm(total=cfg.train.steps, initial=first - 1, disable=not (progress and is_main), unit="step",
                dynamic_ncols=True)
     last: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
+    hooked: dict[str, float] = {}
     preempted = False
     window_start, window_steps = time.perf_counter(), 0
     notice = checkpoint.PreemptionNotice().install()
     try:
         for step in range(first, cfg.train.steps + 1):
-            batch = next(loader)
+            try:
+                batch = next(loader)
+            except StopIteration:
+                raise ValueError(f"the data ran out after {step - 1} of {cfg.train.steps} batches: raise "
+                                 f"data.num_epochs (now {cfg.data.num_epochs}; 0 = repeat forever) or lower "
+                                 f"train.steps") from None
             state, metrics = update(state, place_batch(batch, par.mesh))
             window_steps += 1
             bar.update(1)
-            if step_hook is not None:
-                step_hook(step, batch)
-            preempted = notice.reached(step)
-            saving = preempted or step == cfg.train.steps or bool(every and step % every == 0)
-            evaluated: dict[str, float] = {}
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps or (saving and rank_by_eval)):
-                evaluated = last_eval = _evaluate(cfg, state, step, out_dir, is_main)
-                log.write(step, evaluated)
+            is_last = step == cfg.train.steps
+            ctx = StepContext(cfg=cfg, step=step, last=is_last, saving=False, state=state, batch=batch,
+                              metrics=metrics, seeds=seeds, out_dir=out_dir, is_main=is_main)
+            step_hooked: dict[str, float] = {}
+            ran = [h for h in hooks if h.due(step, is_last)]
+            for hook in ran:
+                step_hooked.update(hook.fn(ctx) or {})
+            preempted = notice.reached(step)  # after the hooks: a notice that arrived during them saves now
+            saving = outputs and (preempted or is_last or bool(every and step % every == 0))
+            if saving:
+                ctx = dataclasses.replace(ctx, saving=True)
+                for hook in hooks:
+                    if hook.at_checkpoints and hook not in ran:
+                        step_hooked.update(hook.fn(ctx) or {})
+            if step_hooked:
+                hooked.update(step_hooked)
+                log.write(step, step_hooked)
             if saving:
                 checkpoint.save(manager, step, state, loader_state=loader.get_state(), cfg=cfg,
-                                metrics={**_host_metrics(metrics), **evaluated})
+                                metrics={**_host_metrics(metrics)[0], **step_hooked})
             if preempted:
                 if is_main:
-                    tqdm.write(f"SIGTERM: saved the checkpoint of step {step} in {manager.directory}; "
+                    where = manager.directory if manager is not None else "(outputs=False: nothing saved)"
+                    tqdm.write(f"SIGTERM: saved the checkpoint of step {step} in {where}; "
                                f"stopping (continue with --resume)")
                 break
-            if step % cfg.train.log_every and step != cfg.train.steps:
+            if step % cfg.train.log_every and not is_last:
                 continue
-            last = _host_metrics(metrics)
+            last, per_seed = _host_metrics(metrics)
             elapsed = time.perf_counter() - window_start
             last["tokens_per_s"] = window_steps * tokens_per_step / elapsed
             window_start, window_steps = time.perf_counter(), 0
-            if last["decisions_dropped"] > 0:
+            dropped = sum(per_seed.get("decisions_dropped", [last.get("decisions_dropped", 0.0)]))
+            if dropped > 0:
                 raise RuntimeError(
-                    f"step {step}: {int(last['decisions_dropped'])} decision positions did not fit the "
-                    f"{capacity} head slots per row; raise rl.decision_fraction (now {cfg.rl.decision_fraction})"
-                )
-            log.write(step, last)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", q=f"{last['q_mean']:.3f}",
-                            tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+                    f"step {step}: {int(dropped)} decision positions did not fit the head slots of a row; raise "
+                    f"rl.decision_fraction (now {cfg.rl.decision_fraction})")
+            log.write(step, last, per_seed)
+            postfix = {k: f"{last[k]:.4f}" for k in ("loss", "q_mean") if k in last}
+            bar.set_postfix(**postfix, tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
     finally:
         bar.close()
         log.close()
         loader.close()
-        manager.close()  # waits for the last asynchronous save
+        if manager is not None:
+            manager.close()  # waits for the last asynchronous save
         notice.uninstall()
-    final = {**last, **last_eval, "step": int(state.step), "skipped": int(state.skipped), "preempted": preempted,
-             "resumed_from": start, "data": loader.summary}
-    if is_main:
+    steps, skipped = jax.device_get((state.step, state.skipped))
+    final = {**last, **hooked, "step": int(np.max(steps)), "preempted": preempted, "resumed_from": start,
+             "data": loader.summary}
+    final["skipped"] = int(skipped) if seeds is None else np.asarray(skipped).tolist()
+    if seeds is not None:
+        final["seeds"] = list(seeds)
+    if is_main and outputs:
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2, default=_json_default))
     return final
 
@@ -223,20 +316,3 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Train a token-level Q-learning agent.")
-    ap.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: the built-in demo)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue from the newest complete checkpoint in <train.out_dir>/checkpoints")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=4 rl.backup=max")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    final = train(cfg, progress=not args.no_progress, resume=args.resume)
-    summary = {k: final[k] for k in ("step", "skipped", "preempted", "loss", "q_mean", "v_mean", "tokens_per_s")
-               if k in final}
-    if jax.process_index() == 0:
-        print(json.dumps(summary))
-        print(f"wrote {cfg.train.out_dir}/final_metrics.json")

@@ -8,9 +8,9 @@ one dispatch per step for all seeds, and each seed gets exactly (to float roundi
 
 Batches. A ``[B, L]`` batch is shared by every seed: it is vmapped with ``in_axes=None``, so it is neither
 copied nor re-processed (decision counts and other batch-only work happen once). A ``[N, B, L]`` batch gives
-seed ``i`` its own batch ``i``. ``train_seeds`` shares: every seed reads the batches that ``data.seed`` orders,
-just as ``scripts/train.py ... train.seed=s`` would, so the spread over seeds is the spread due to
-initialisation and dropout. To let data order vary too, stack ``N`` different batches.
+seed ``i`` its own batch ``i``. The training loop (``train(cfg, seeds=[...])``) shares: every seed reads the
+batches that ``data.seed`` orders, just as ``scripts/train.py ... train.seed=s`` would, so the spread over seeds
+is the spread due to initialisation and dropout. To let data order vary too, stack ``N`` different batches.
 
     states = init_states(cfg, seeds=[0, 1, 2])           # stacked TrainState, leaves [3, ...]
     update = make_multi_seed_update(cfg)
@@ -23,18 +23,15 @@ takes parameters as an argument, so it compiles once for all seeds.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxrl_lm import config as config_lib
 from jaxrl_lm.config import Config
-from jaxrl_lm.train.batches import batches
-from jaxrl_lm.train.state import Params, TrainState, init_state, model_graphdef
+from jaxrl_lm.models import model_graphdef
+from jaxrl_lm.train.state import TrainState, init_state
 from jaxrl_lm.train.update import build_update_fn
 
 Tree = TypeVar("Tree")
@@ -95,73 +92,3 @@ def make_multi_seed_update(cfg: Config, graphdef: nnx.GraphDef | None = None
         return jax.vmap(one_seed, in_axes=(0, 0 if rank == 3 else None))(states, batch)
 
     return jax.jit(update, donate_argnums=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class SeedRuns:
-    """What ``train_seeds`` returns.
-
-    Attributes:
-      seeds: the ``N`` seeds, in the order of every leading axis below.
-      state: the final stacked TrainState (leaves ``[N, ...]``; ``unstack`` it for per-seed states).
-      history: ``"step"``: ``[T]`` int64, the steps at which metrics were read; every metric of
-        ``make_update``: ``[T, N]`` float32.
-    """
-
-    seeds: tuple[int, ...]
-    state: TrainState
-    history: dict[str, np.ndarray]
-
-    @property
-    def params(self) -> list[Params]:
-        """The ``N`` final online parameter dicts, seed order."""
-        return unstack(self.state.params)
-
-
-def train_seeds(cfg: Config, seeds: Sequence[int], steps: Optional[int] = None, *,
-                episodes: Optional[Iterable[Mapping[str, Any]]] = None, log_every: Optional[int] = None,
-                hook: Optional[Callable[[int, TrainState], None]] = None, hook_every: int = 0) -> SeedRuns:
-    """Trains ``len(seeds)`` seeds of ``cfg`` side by side in one compiled update, every seed on the same batches.
-
-    Args:
-      cfg: the experiment; its data (``data.path`` or ``episodes``) is read by one loader (``batches``).
-      seeds: the ``train.seed`` of each run.
-      steps: optimizer steps; default ``train.steps``. Given, it replaces ``train.steps`` (which is also the
-        learning-rate schedule's horizon), so seed ``s`` is the run ``scripts/train.py`` would make with
-        ``train.seed=s train.steps=steps``, up to float rounding.
-      episodes: episode dicts used instead of ``data.path`` (``batches``).
-      log_every: metrics are read back to the host every this many steps and at the last; default
-        ``train.log_every``. Reading them waits for the device, so a large value keeps steps back to back.
-      hook, hook_every: ``hook(step, states)`` runs on the host every ``hook_every`` steps and after the last
-        (e.g. evaluating each seed's ``unstack(states.params)``: ``jaxrl_lm.train.experiment``); it must not keep
-        ``states``, which the next step donates.
-
-    ``history["decisions_dropped"]`` should stay 0 (``rl.decision_fraction``); unlike the training loop this
-    function does not stop on it. Example::
-
-        runs = train_seeds(cfg, seeds=range(4), steps=200)
-        runs.history["loss"][-1]                          # [4]: each seed's last loss
-        scores = [jaxrl_lm.evaluate_params(cfg, p, "grid", kind="ilql")["normalized_score"] for p in runs.params]
-    """
-    seeds = tuple(int(s) for s in seeds)
-    if steps is not None:
-        cfg = config_lib.replace(cfg, train__steps=steps)
-    steps = cfg.train.steps
-    log_every = log_every or cfg.train.log_every
-    states = init_states(cfg, seeds)
-    update = make_multi_seed_update(cfg)
-    logged_steps, rows = [], []
-    step = 0
-    for step, batch in enumerate(batches(cfg, episodes, steps=steps), start=1):
-        states, metrics = update(states, batch)
-        if step % log_every == 0 or step == steps:
-            logged_steps.append(step)
-            rows.append(jax.device_get(metrics))
-        if hook is not None and ((hook_every and step % hook_every == 0) or step == steps):
-            hook(step, states)
-    if step < steps:
-        raise ValueError(f"the data ran out after {step} of {steps} batches: raise data.num_epochs (now "
-                         f"{cfg.data.num_epochs}; 0 = repeat forever) or lower the steps")
-    history = {"step": np.asarray(logged_steps, np.int64)}
-    history.update({k: np.stack([row[k] for row in rows]) for k in rows[0]})
-    return SeedRuns(seeds, states, history)

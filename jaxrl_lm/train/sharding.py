@@ -4,7 +4,7 @@ Every parameter carries logical axis names (``jaxrl_lm/models/layers.py``); ``cf
 mesh axes. For each dimension, in order, the rules naming its logical axis are tried in order and the first
 whose mesh axes are (a) not yet used by an earlier dimension of the same parameter, (b) larger than 1 together
 and (c) a divisor of the dimension shards it; a ``null`` rule, or no usable rule, replicates the dimension.
-So a dimension that a mesh axis does not divide is replicated (and reported), never an XLA error. Targets and
+So a dimension that a mesh axis does not divide is replicated (and reported), never an XLA error. Groups and
 optimizer moments follow their parameters (``optax.tree_map_params`` finds the parameter-shaped trees in the
 optimizer state); counters, schedules and the RNG key are replicated.
 
@@ -34,7 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxrl_lm import models
 from jaxrl_lm.config import Config, ConfigError, ModelConfig, ShardingRule
 from jaxrl_lm.train.mesh import batch_sharding, check_batch_size, make_mesh
-from jaxrl_lm.train.state import Params, TrainState, abstract_train_state, init_state, make_optimizer
+from jaxrl_lm.models import Params
+from jaxrl_lm.train.state import TrainState, abstract_train_state, init_state, make_optimizer
 
 WEIGHT_AXES = ("fsdp", "tensor")  # the axes parameters are meant to be split over; data keeps whole copies
 _LISTED = 5  # replicated parameters named in the start-up error
@@ -220,8 +221,8 @@ def check_vocab_padding(cfg: Config, mesh: Mesh) -> None:
 
 
 def shardings_from_specs(cfg: Config, mesh: Mesh, specs: Params, abstract_state: TrainState) -> TrainState:
-    """A TrainState of ``NamedSharding``: params and targets by ``specs``, optimizer moments by their params,
-    everything else replicated."""
+    """A TrainState of ``NamedSharding``: params and every parameter group by ``specs`` (a group's key is
+    placed like the same key of the model), optimizer moments by their params, everything else replicated."""
     if jax.tree.structure(abstract_state.params) != jax.tree.structure(specs, is_leaf=_is_spec):
         raise ConfigError("the state's parameters do not match the model of cfg.model; build the state from the "
                           "same config")
@@ -229,8 +230,8 @@ def shardings_from_specs(cfg: Config, mesh: Mesh, specs: Params, abstract_state:
     replicated = NamedSharding(mesh, PartitionSpec())
     opt = optax.tree_map_params(make_optimizer(cfg), lambda _, s: s, abstract_state.opt_state, named,
                                 transform_non_params=lambda _: replicated)
-    return TrainState(params=named, target_params={k: named[k] for k in abstract_state.target_params},
-                      opt_state=opt, step=replicated, skipped=replicated, rng=replicated)
+    groups = {name: {k: named[k] for k in group} for name, group in abstract_state.groups.items()}
+    return TrainState(params=named, groups=groups, opt_state=opt, step=replicated, skipped=replicated, rng=replicated)
 
 
 def state_shardings(cfg: Config, mesh: Mesh, abstract_state: TrainState) -> TrainState:
@@ -260,9 +261,9 @@ def state_bytes_per_device(state: TrainState) -> dict[str, int]:
     """Bytes of each part of ``state`` held by one device, from its leaves' shardings.
 
     ``state``: a TrainState of ``jax.Array`` or of ``ShapeDtypeStruct`` with ``.sharding``. Returns
-    ``{"params", "target_params", "opt_state", "other" (step, skipped, rng), "total"}``.
+    ``{"params", "groups", "opt_state", "other" (step, skipped, rng), "total"}``.
     """
-    parts = {"params": state.params, "target_params": state.target_params, "opt_state": state.opt_state,
+    parts = {"params": state.params, "groups": state.groups, "opt_state": state.opt_state,
              "other": (state.step, state.skipped, state.rng)}
     out = {k: sum(_leaf_bytes(x) for x in jax.tree.leaves(v)) for k, v in parts.items()}
     out["total"] = sum(out.values())

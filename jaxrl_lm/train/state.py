@@ -1,48 +1,55 @@
 """TrainState: everything a step reads and writes, as one pytree of plain nested dicts and arrays.
 
-Parameters are the model's ``nnx.Param`` state as a pure dict (``nnx.to_pure_dict``), so the same tree is what
-Orbax saves, what the sharding rules annotate and what Hugging Face export reads. ``nnx.merge`` rebuilds the
+Parameters are the model's ``nnx.Param`` state as a pure dict (``jaxrl_lm.models.Params``), so the same tree is
+what Orbax saves, what the sharding rules annotate and what Hugging Face export reads. ``nnx.merge`` rebuilds the
 module from it inside the jitted update.
+
+Parameter groups. ``params`` is the trained group (the whole model, updated by the optimizer). ``groups`` holds
+the others by name, each declared by the objective (``jaxrl_lm.rl.ParamGroup``): an ``ema`` group follows the
+trained parameters after every optimizer step (the target heads of Q-learning: ``groups["target"]``), a
+``frozen`` group is set once and never updated (a reference policy). A group holds some of the model's top-level
+keys; the objective reads it as the model with those keys swapped in.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, struct
+from flax import struct
 
 from jaxrl_lm import models
-from jaxrl_lm.config import Config, ModelConfig, OptimConfig
-
-Params = dict[str, Any]
+from jaxrl_lm.config import Config, OptimConfig
+from jaxrl_lm.models import Params
+from jaxrl_lm.rl import ParamGroup, get_objective
 
 
 @struct.dataclass
 class TrainState:
-    """params: online parameters (all of the model). target_params: the EMA copy of ``target_keys(cfg)`` of them.
-    opt_state: optax state (float32 moments). step: int32 batches consumed. skipped: int32 updates rejected by
-    the non-finite guard. rng: the PRNG key that dropout draws from."""
+    """params: the trained parameters (all of the model). groups: the objective's other parameter groups by
+    name (module docstring), each a dict of some of the model's top-level keys. opt_state: optax state (float32
+    moments) of ``params``. step: int32 batches consumed. skipped: int32 updates rejected by the non-finite
+    guard. rng: the PRNG key that dropout draws from."""
 
     params: Params
-    target_params: Params
+    groups: dict[str, Params]
     opt_state: Any
     step: jnp.ndarray
     skipped: jnp.ndarray
     rng: jnp.ndarray
 
 
-def target_keys(cfg: Config) -> tuple[str, ...]:
-    """Top-level parameter groups that have an EMA target copy: the Q-heads, plus the trunk for ``full``."""
-    return ("q_heads",) if cfg.rl.target_scope == "heads" else ("transformer", "q_heads")
-
-
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params]:
-    """Static graph and the float32 parameter dict of a built model."""
-    graphdef, state = nnx.split(model, nnx.Param)
-    return graphdef, nnx.to_pure_dict(state)
+def param_groups(cfg: Config) -> tuple[ParamGroup, ...]:
+    """The parameter groups the objective of ``cfg`` declares (besides the trained ``params``)."""
+    objective = get_objective(cfg.rl.objective)
+    groups = objective.groups(cfg.objective, cfg.rl)
+    names = [g.name for g in groups]
+    if len(set(names)) != len(names) or "online" in names:
+        raise ValueError(f"objective {objective.name!r} declares the parameter groups {names}: names must be unique "
+                         f"and not 'online' (the trained parameters)")
+    return groups
 
 
 def learning_rate_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -72,17 +79,20 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def init_state(cfg: Config, params: Params | None = None, seed: int | jax.Array | None = None) -> TrainState:
+def init_state(cfg: Config, params: Params | None = None, seed: int | jax.Array | None = None, *,
+               groups: Optional[Mapping[str, Params]] = None) -> TrainState:
     """A fresh TrainState, from ``params`` or from the config alone.
 
     Args:
-      cfg: the run's Config (its optimizer, target scope and, without ``params``, its model).
+      cfg: the run's Config (its optimizer, objective and, without ``params``, its model).
       params: a parameter dict (``split_model(model)[1]``, ``import_hf(...)[1]``); None builds the model of
         ``cfg.model`` from ``seed``.
       seed: draws the model's initial parameters (when built here) and the dropout key; default ``train.seed``.
-        A traced int32 scalar works too (``jax.vmap`` over seeds: ``train.seeds.init_states``).
+        A traced int32 scalar works too (``jax.vmap`` over seeds).
+      groups: parameters of ``frozen`` groups by name (e.g. a reference policy loaded from a checkpoint), each
+        holding the group's keys; a frozen group not given starts as a copy of ``params``.
 
-    The target copy starts equal to the online parameters (as separate buffers); ``step`` and ``skipped`` are
+    ``ema`` groups start equal to the online parameters (as separate buffers); ``step`` and ``skipped`` are
     int32 scalars at 0, ``rng`` is ``[2] uint32`` key data. Example::
 
         state = jaxrl_lm.init_state(cfg)                  # a new model, as scripts/train.py starts one
@@ -90,11 +100,24 @@ def init_state(cfg: Config, params: Params | None = None, seed: int | jax.Array 
     """
     seed = cfg.train.seed if seed is None else seed
     if params is None:
-        params = split_model(models.build(cfg.model, seed=seed))[1]
-    target = {k: jax.tree.map(jnp.copy, params[k]) for k in target_keys(cfg)}
+        params = models.split_model(models.build(cfg.model, seed=seed))[1]
+    given = dict(groups or {})
+    declared = param_groups(cfg)
+    unknown = set(given) - {g.name for g in declared if g.role == "frozen"}
+    if unknown:
+        raise ValueError(f"init_state: groups {sorted(unknown)} are not frozen groups of objective "
+                         f"{cfg.rl.objective!r} (it declares {[(g.name, g.role) for g in declared]})")
+    state_groups = {}
+    for g in declared:
+        source = given.get(g.name, params)
+        missing = [k for k in g.keys if k not in source]
+        if missing:
+            raise ValueError(f"init_state: parameter group {g.name!r} needs the keys {list(g.keys)}; the "
+                             f"parameters given for it lack {missing}")
+        state_groups[g.name] = {k: jax.tree.map(jnp.copy, source[k]) for k in g.keys}
     return TrainState(
         params=params,
-        target_params=target,
+        groups=state_groups,
         opt_state=make_optimizer(cfg).init(params),
         step=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
@@ -105,8 +128,3 @@ def init_state(cfg: Config, params: Params | None = None, seed: int | jax.Array 
 def abstract_train_state(cfg: Config) -> TrainState:
     """``init_state(cfg)`` as ``jax.ShapeDtypeStruct`` leaves; nothing is allocated."""
     return jax.eval_shape(lambda: init_state(cfg))
-
-
-def model_graphdef(model_cfg: ModelConfig) -> nnx.GraphDef:
-    """The static graph of the model of ``model_cfg`` (what ``nnx.merge`` needs); nothing is allocated."""
-    return nnx.split(nnx.eval_shape(lambda: models.build(model_cfg)), nnx.Param)[0]

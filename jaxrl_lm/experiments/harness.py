@@ -8,33 +8,40 @@ of that config plus the policy extraction that scores it::
     config: ../tasks/grid.yaml        # relative to the experiment file
     seeds: [0, 1, 2]                  # train.seed of each run; the dataset (data.seed) is the same for all
     methods:
-      bc:   {policy: bc,   overrides: {rl.lambda_q: 0, rl.lambda_v: 0, rl.cql_alpha: 0}}
-      ilql: {policy: ilql, overrides: {rl.backup: expectile}}
+      bc:   {policy: bc,   overrides: {token_q.lambda_q: 0, token_q.lambda_v: 0, token_q.cql_alpha: 0}}
+      ilql: {policy: ilql, overrides: {token_q.backup: expectile}}
 
 ``include: other.yaml`` (relative to the file) starts from another experiment file, whose keys this file's own
 replace: ``include: maze.yaml`` with ``config: ../tasks/maze_po.yaml`` runs the maze's methods on another task.
 
-All seeds of a method train side by side in one compiled update (``jaxrl_lm.train.seeds.train_seeds``: the
-update under ``jax.vmap``, every seed reading the same batches), and every ``eval.every`` steps and at the end
-each seed's parameters play the task with the method's policy, which gives the learning curves (normalised
-score against steps). The final score of a seed is its last evaluation. Outputs in the output directory:
-``<method>/result.json`` per method (its curves, final scores and training-metric history; a method whose file
-exists is not retrained), ``results.json`` (all of them), ``results.md`` (the table: mean, standard deviation,
-minimum and maximum over seeds, and each seed's score) and ``learning_curves.png``.
+All seeds of a method train side by side in one compiled update, through the training loop
+(``jaxrl_lm.experiments.run.run(cfg, seeds=...)``: the update under ``jax.vmap``, every seed reading the same
+batches, with the loop's checks), and every ``eval.every`` steps and at the end each seed's parameters play the
+task with the method's policy (``jaxrl_lm.experiments.hooks.evaluation_hook``), which gives the learning curves
+(normalised score against steps). The final score of a seed is its last evaluation. Outputs in the output
+directory: ``<method>/`` per method (the loop's run directory: config, metrics, ``eval.jsonl``, the final stacked
+checkpoint, and ``result.json`` with its curves, final scores and training-metric history; a method whose
+``result.json`` exists is not retrained, and a method trained again starts from an emptied directory),
+``results.json`` (all of them), ``results.md`` (the table: mean, standard deviation, minimum and maximum over
+seeds, and each seed's score) and ``learning_curves.png``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import yaml
 
-from jaxrl_lm.config import Config, ConfigError, load_config
-from jaxrl_lm.rl.policy import KINDS
+from jaxrl_lm.config import POLICY_KINDS, Config, ConfigError, load_config
+from jaxrl_lm.experiments.hooks import Curves, evaluation_hook
+from jaxrl_lm.experiments.plots import plot_curves, results_table
+from jaxrl_lm.experiments.run import History, resolve_episodes
+from jaxrl_lm.train.loop import train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +76,9 @@ def load_experiment(path: str | Path, overrides: Optional[Mapping[str, Any]] = N
         raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {raw.get('seeds')!r}")
     methods = []
     for name, m in raw["methods"].items():
-        if not isinstance(m, dict) or set(m) - {"policy", "overrides"} or m.get("policy") not in KINDS:
-            raise ConfigError(f"{path}: methods.{name} needs policy (one of {list(KINDS)}) and optional overrides")
+        if not isinstance(m, dict) or set(m) - {"policy", "overrides"} or m.get("policy") not in POLICY_KINDS:
+            raise ConfigError(f"{path}: methods.{name} needs policy (one of {list(POLICY_KINDS)}) and optional "
+                              f"overrides")
         methods.append(Method(name, m["policy"], dict(m.get("overrides") or {})))
     return Experiment(name=path.stem, config=raw["config"], seeds=seeds,
                       methods=tuple(methods), overrides=dict(overrides or {}))
@@ -105,31 +113,26 @@ def method_config(exp: Experiment, method: Method, out_dir: Path) -> Config:
 
 
 def _keywords(dotted: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"rl.backup": v}`` -> ``{"rl__backup": v}`` (``load_config``'s keyword form)."""
+    """``{"token_q.backup": v}`` -> ``{"token_q__backup": v}`` (``load_config``'s keyword form)."""
     return {k.replace(".", "__"): v for k, v in dotted.items()}
 
 
 def train_method(cfg: Config, method: Method, seeds: Sequence[int], progress: bool = True) -> dict[str, Any]:
-    """Trains ``seeds`` of one method together and evaluates them as they train; the method's result dict."""
-    from jaxrl_lm.eval import evaluate_training_policies  # heavy imports only when an experiment really runs
-    from jaxrl_lm.train.seeds import train_seeds, unstack
-
-    curves: dict[int, list[tuple[int, float]]] = {s: [] for s in seeds}
-
-    def evaluate(step: int, states: Any) -> None:
-        for seed, params in zip(seeds, unstack(states.params)):
-            (r,) = evaluate_training_policies(cfg, params, seed=seed)
-            curves[seed].append((step, float(r.get("normalized_score", r["mean_return"]))))
-        if progress:
-            print(f"{method.name} step {step}: " + " ".join(f"{c[-1][1]:.1f}" for c in curves.values()), flush=True)
-
-    runs = train_seeds(cfg, seeds, hook=evaluate, hook_every=cfg.eval.every)
-    finals = {s: c[-1][1] for s, c in curves.items()}
+    """Trains ``seeds`` of one method together in ``train.out_dir`` and evaluates them as they train; the method's
+    result dict."""
+    out_dir = Path(cfg.train.out_dir)
+    if out_dir.exists():  # the harness owns the method's directory: a retrained method starts from nothing
+        shutil.rmtree(out_dir)
+    curves: Curves = {}
+    history = History(cfg.train.log_every)
+    train(cfg, seeds=seeds, hooks=[evaluation_hook(cfg, curves, progress=progress), history.hook()],
+          episodes=resolve_episodes(cfg), progress=progress)
+    finals = {s: curves[s][-1][1] for s in seeds}
     scores = np.array(list(finals.values()))
-    return {"policy": method.policy, "overrides": method.overrides, "curves": curves, "final": finals,
-            "mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+    return {"policy": method.policy, "overrides": method.overrides, "curves": {s: curves[s] for s in seeds},
+            "final": finals, "mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
             "min": float(scores.min()), "max": float(scores.max()),
-            "history": {k: v.tolist() for k, v in runs.history.items()}}
+            "history": {k: v.tolist() for k, v in history.arrays().items()}}
 
 
 def _json_keys_to_int(result: dict[str, Any]) -> dict[str, Any]:
@@ -172,41 +175,3 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, fresh: bool = False,
     (out_dir / "results.md").write_text(results_table(results))
     plot_curves(results, out_dir / "learning_curves.png")
     return results
-
-
-def results_table(results: Mapping[str, Any]) -> str:
-    """Markdown: one row per method, normalised final scores over seeds."""
-    seeds = results["seeds"]
-    head = ["method", "policy", "normalised (mean)", "std", "min", "max", *[f"seed {s}" for s in seeds]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in results["methods"].items():
-        cells = [name, m["policy"], f"{m['mean']:.1f}", f"{m['std']:.1f}", f"{m['min']:.1f}", f"{m['max']:.1f}"]
-        cells += [f"{m['final'][s]:.1f}" for s in seeds]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(results: Mapping[str, Any], path: Path) -> None:
-    """Normalised score against steps: each method's mean over seeds, its min-max band shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.0))
-    for name, m in results["methods"].items():
-        curves = list(m["curves"].values())
-        steps = [s for s, _ in curves[0]]
-        scores = np.array([[v for _, v in c] for c in curves if len(c) == len(steps)])
-        ax.plot(steps, scores.mean(axis=0), marker="o", ms=3, label=f"{name} ({m['policy']})")
-        if len(scores) > 1:
-            ax.fill_between(steps, scores.min(axis=0), scores.max(axis=0), alpha=0.2)
-    ax.axhline(50, color="grey", lw=0.8, ls="--")
-    ax.axhline(100, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("normalised score (50 = data, 100 = optimal)")
-    ax.set_title(f"{results['experiment']}: {len(results['seeds'])} seeds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,0 +1,135 @@
+"""Reading run directories: where a run's checkpoints are, which steps are complete, and their parameters.
+
+The one place that resolves a run directory. A run writes into ``train.out_dir``; its checkpoints are
+``<train.out_dir>/checkpoints/<step>/`` (written by ``jaxrl_lm.train.checkpoint``) with three items:
+
+    state/    the TrainState after ``step`` optimizer steps: ``params`` (the trained model), ``groups`` (the
+              objective's EMA and frozen parameter groups by name), float32 optax state, step, skipped, rng key
+    data/     the data loader's position (JSON)
+    config/   the resolved config (JSON)
+
+A checkpoint written before parameter groups existed holds ``target_params`` instead of ``groups``: it reads
+as ``groups["target"]``. This module sits below ``train/`` so that policies, evaluation and export load
+parameters without importing the training code::
+
+    cfg, params, step = load_params("runs/demo")             # newest complete step, online parameters
+    cfg, params, step = load_params("runs/demo/checkpoints", step=100)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxrl_lm.config import Config, from_dict
+from jaxrl_lm.models import Params
+
+CHECKPOINT_SUBDIR = "checkpoints"
+ITEMS = ("state", "data", "config")
+LEGACY_TARGET = "target_params"  # the field that held the EMA target before parameter groups
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    """``<train.out_dir>/checkpoints``, absolute (Orbax requires absolute paths)."""
+    return (Path(cfg.train.out_dir) / CHECKPOINT_SUBDIR).absolute()
+
+
+def resolve(path: str | Path) -> Path:
+    """A run's ``train.out_dir`` or its ``checkpoints`` directory -> the absolute directory holding the steps."""
+    path = Path(path).absolute()
+    return path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
+
+
+def reader(directory: str | Path) -> ocp.CheckpointManager:
+    """A read-only manager of a checkpoint directory (use as a context manager)."""
+    path = Path(directory).absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(path, item_names=ITEMS, item_handlers=handlers,
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def complete_steps(directory: str | Path) -> list[int]:
+    """Steps with a finished checkpoint under ``directory``, ascending (tmp directories are not steps)."""
+    if not Path(directory).is_dir():
+        return []
+    with reader(directory) as r:
+        return sorted(r.all_steps())
+
+
+def latest_step(directory: str | Path) -> int | None:
+    """The newest complete step under ``directory``; None when there is none (or no directory)."""
+    steps = complete_steps(directory)
+    return steps[-1] if steps else None
+
+
+def existing_step(r: ocp.CheckpointManager, step: int | None) -> int:
+    """``step`` if it is complete in ``r``'s directory, or the newest complete step when None."""
+    steps = sorted(r.all_steps())
+    if step is None and steps:
+        return steps[-1]
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {r.directory}")
+    if step not in steps:
+        raise FileNotFoundError(f"no complete checkpoint of step {step} in {r.directory}; complete: {steps}")
+    return step
+
+
+def config_of(r: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    return r.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def read_config(directory: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The resolved config dict saved with step ``step`` (default: the newest complete one)."""
+    with reader(directory) as r:
+        return config_of(r, existing_step(r, step))
+
+
+def saved_state_keys(r: ocp.CheckpointManager, step: int) -> tuple[str, ...]:
+    """The top-level fields of the saved TrainState (``groups`` now; ``target_params`` in older checkpoints)."""
+    return tuple(r.item_metadata(step)["state"].tree.keys())
+
+
+def load_state_params(path: str | Path, step: Optional[int] = None
+                      ) -> tuple[Config, Params, dict[str, Params], int]:
+    """``(config, params, groups, step)`` of a checkpoint: the trained parameters and every parameter group by
+    name (an older checkpoint's ``target_params`` as ``"target"``), on the default device (``load_params``'s
+    arguments)."""
+    directory = resolve(path)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with reader(directory) as r:
+        step = existing_step(r, step)
+        cfg = from_dict(config_of(r, step))
+        tree = r.item_metadata(step)["state"].tree
+        # The whole saved state is read (optimizer moments too): its structure comes from the file itself, so
+        # any objective's groups load without building its TrainState.
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+        state = r.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    groups: Mapping[str, Params] = state.get("groups") or {}
+    if LEGACY_TARGET in state:
+        groups = {"target": state[LEGACY_TARGET]}
+    return cfg, state["params"], dict(groups), step
+
+
+def load_params(path: str | Path, step: Optional[int] = None, *, group: str = "online"
+                ) -> tuple[Config, Params, int]:
+    """``(config, params, step)`` of a checkpoint, the parameters on the default device.
+
+    Args:
+      path: a run directory (``train.out_dir``) or its ``checkpoints`` directory.
+      step: a complete step; None = the newest.
+      group: ``"online"`` (the trained parameters) or a parameter group's name, e.g. ``"target"``: the model
+        with that group's keys swapped in (the EMA target's Q-heads on the online trunk, for ``target_scope:
+        heads``).
+    """
+    cfg, params, groups, step = load_state_params(path, step)
+    if group == "online":
+        return cfg, params, step
+    if group not in groups:
+        raise KeyError(f"{resolve(path) / str(step)}: no parameter group {group!r}; it holds {sorted(groups)}")
+    return cfg, {**params, **groups[group]}, step
