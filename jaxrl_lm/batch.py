@@ -1,4 +1,4 @@
-"""The batch contract shared by the data pipeline, the update and the tests (DESIGN.md section 2).
+"""The batch contract shared by the data pipeline, the update and the tests (docs/design.md section 2).
 
 A batch is a dict of arrays, all of shape ``[B, L]``:
 

@@ -247,7 +247,7 @@ class Config:
         return out
 
 
-POLICY_KINDS: tuple[str, ...] = ("bc", "ilql", "q")  # policy extractions (jaxrl_lm.rl.policy); the one list
+POLICY_KINDS: tuple[str, ...] = ("bc", "ilql", "q")  # policy extractions (jaxrl_lm.rl.policy_extraction); the one list
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,15 +27,14 @@ import scipy.stats
 
 from jaxrl_lm import envs
 from jaxrl_lm.config import Config, ModelConfig, eval_task
+from jaxrl_lm.data.episodes import EpisodeRecord
 from jaxrl_lm.envs.normalize import TaskStats
 from jaxrl_lm.envs.tasks import TaskSpec, get_task
 from jaxrl_lm.models import Params
 from jaxrl_lm.model_policy import ModelPolicy, describe, load_policy
 
-Episode = dict[str, Any]
 
-
-def is_success(episode: Episode) -> bool:
+def is_success(episode: EpisodeRecord) -> bool:
     """The episode really ended (``done``) on an unpenalised move: in every built-in task the move that reaches
     the goal (solves the word, names the object) is the only ending move that earns 0, and a lost game's last
     move costs -1."""
@@ -62,8 +61,8 @@ def mean_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float
     return float(values.mean() - half), float(values.mean() + half)
 
 
-def summarize(episodes: Sequence[Episode], task_stats: Optional[TaskStats | Mapping[str, Any]] = None,
-              success: Callable[[Episode], bool] = is_success) -> dict[str, Any]:
+def summarize(episodes: Sequence[EpisodeRecord], task_stats: Optional[TaskStats | Mapping[str, Any]] = None,
+              success: Callable[[EpisodeRecord], bool] = is_success) -> dict[str, Any]:
     """Return statistics of episode records; the normalised fields need ``task_stats``."""
     returns = np.array([e["meta"]["return"] for e in episodes], np.float64)
     low, high = mean_interval(returns)
@@ -92,10 +91,10 @@ def _generated_task_stats(task: str, episodes: int, seed: int) -> TaskStats:
 def load_task_stats(task: str, cfg: Optional[Config] = None, stats_file: Optional[str | Path] = None) -> TaskStats:
     """The normalisation anchors of ``task`` (worst, dataset, optimal returns).
 
-    From ``stats_file`` (``scripts/make_task_data.py``'s ``*.stats.json``) when given; else from the dataset
+    From ``stats_file`` (``scripts/generate_task_data.py``'s ``*.stats.json``) when given; else from the dataset
     ``cfg`` trained on: the stats file beside a JSONL ``data.path``, or, for ``data.path: task:NAME``, the
     same in-memory dataset regenerated (``data.task_episodes``, ``data.seed``; cached per process). Without
-    either, the anchors of a 1000-episode seed-0 dataset (``make_task_data.py``'s defaults).
+    either, the anchors of a 1000-episode seed-0 dataset (``generate_task_data.py``'s defaults).
     """
     if stats_file is not None:
         return TaskStats.from_dict(json.loads(Path(stats_file).read_text()))
@@ -110,7 +109,7 @@ def load_task_stats(task: str, cfg: Optional[Config] = None, stats_file: Optiona
 
 def evaluate_policy(act: Callable[[list[str]], list[str]], task: str | TaskSpec, *, episodes: Optional[int] = None,
                     task_stats: Optional[TaskStats | Mapping[str, Any]] = None, batch_size: int = 64,
-                    success: Callable[[Episode], bool] = is_success) -> dict[str, Any]:
+                    success: Callable[[EpisodeRecord], bool] = is_success) -> dict[str, Any]:
     """Rolls ``act`` out on ``task`` (module docstring) and summarises; adds ``task``, ``seconds`` and, for a
     ``ModelPolicy``, its knobs under ``"policy"``. The episode records are under ``"records"``."""
     spec = task if isinstance(task, TaskSpec) else get_task(task)

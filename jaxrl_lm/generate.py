@@ -1,9 +1,9 @@
-"""Jitted, batched decoding of one agent turn per episode through a KV cache (DESIGN.md section 3).
+"""Jitted, batched decoding of one agent turn per episode through a KV cache (docs/design.md section 3).
 
 ``decode`` is one ``jax.jit``: it prefills the left-padded prompts into a KV cache, then runs a
 ``lax.while_loop`` of single-token steps until every row has emitted a stop token (EOT, the end of an agent
 turn, or any other id in ``stop_ids``) or ``max_new_tokens`` are out. Each step scores the next token with
-``jaxrl_lm.rl.policy`` (bc / ilql / q), filters (allowed-token mask, top-k, top-p) and samples.
+``jaxrl_lm.rl.policy_extraction`` (bc / ilql / q), filters (allowed-token mask, top-k, top-p) and samples.
 
 What recompiles: the static ``DecodeSpec`` (policy kind, top-k, token budget, best-of), the model graph, and
 the shapes ``[B, P]`` of the prompt batch; ``Sampling`` (beta, temperature, top-p), the stop ids and the
@@ -32,14 +32,14 @@ from flax import nnx
 
 from jaxrl_lm.config import ModelConfig
 from jaxrl_lm.models import KVCache, Params, QTransformer, model_graphdef
-from jaxrl_lm.rl.policy import check_kind, needs_heads, policy_scores, sample_tokens
+from jaxrl_lm.rl.policy_extraction import check_kind, needs_heads, policy_scores, sample_tokens
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
     """The static part of decoding: each distinct spec compiles its own decoder.
 
-    kind: ``"bc"``, ``"ilql"`` or ``"q"`` (``jaxrl_lm.rl.policy``).
+    kind: ``"bc"``, ``"ilql"`` or ``"q"`` (``jaxrl_lm.rl.policy_extraction``).
     top_k: keep the k best tokens before sampling; 0 = off.
     max_new_tokens: token budget of one turn, its stop token included.
     best_of: candidate turns sampled per episode; the highest final-token Q-value wins (module docstring).

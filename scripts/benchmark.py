@@ -47,7 +47,7 @@ PRESETS: dict[str, dict] = {
                                 batch=4, seq_len=256),
     "gpt2_small_full_k2": dict(config="configs/models/gpt2_small.yaml", overrides=["token_q.target_scope=full"],
                                batch=4, seq_len=256),
-    # batch 8, a 64-token prompt, 128 new tokens (DESIGN.md section 8 compares HF generate at batch 8)
+    # batch 8, a 64-token prompt, 128 new tokens (docs/design.md section 8 compares HF generate at batch 8)
     DECODE_PRESET: dict(config="configs/models/gpt2_small.yaml", overrides=[], batch=8, seq_len=64),
     # per-device state bytes on 8 (forced host) devices for each mesh; abstract: nothing is allocated
     MESH_PRESET: dict(config="configs/models/gpt2_small.yaml", overrides=[], batch=8, seq_len=256),

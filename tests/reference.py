@@ -142,7 +142,7 @@ def ref_objective(
     capacity: int | None = None,
     denominator: float | None = None,
 ) -> dict:
-    """Losses, metrics and analytic gradients of DESIGN.md section 2.
+    """Losses, metrics and analytic gradients of docs/design.md section 2.
 
     Decisions beyond a row's ``capacity`` are not scored (but still counted in N, the denominator, and in
     ``decisions_dropped``); capacity None scores every decision.

@@ -96,7 +96,7 @@ def random_batch(seed: int, batch_size: int = 4, seq_len: int = 24, vocab: int =
 
 
 def assert_valid_batch(batch: dict[str, np.ndarray]) -> None:
-    """The contract of DESIGN.md section 2 / jaxrl_lm.batch (guards the generator)."""
+    """The contract of docs/design.md section 2 / jaxrl_lm.batch (guards the generator)."""
     seg, am, rew, done, turn = (batch[k] for k in ("segment_ids", "action_mask", "reward", "done", "turn_ids"))
     assert set(np.unique(am)) <= {0, 1} and set(np.unique(done)) <= {0, 1}
     assert not am[seg == 0].any() and not done[seg == 0].any() and not rew[seg == 0].any()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxrl_lm import envs
 from jaxrl_lm.batch import BATCH_FIELDS, check_batch
 from jaxrl_lm.config import DataConfig
 from jaxrl_lm.data import (
@@ -178,7 +179,9 @@ def test_layout_and_path_errors(tmp_path):
     with pytest.raises(ValueError, match="data.path is empty"):
         make_loader(DataConfig(path=""), tokenizer=TOK)
     with pytest.raises(ValueError, match="unknown built-in task 'nope'"):
-        make_loader(DataConfig(path="task:nope"), tokenizer=TOK)
+        envs.task_dataset(DataConfig(path="task:nope"))  # a task path is resolved above the loader
+    with pytest.raises(ValueError, match="names a built-in task"):
+        make_loader(DataConfig(path="task:grid"), tokenizer=TOK)
     with pytest.raises(FileNotFoundError, match="data.path"):
         make_loader(DataConfig(path=str(tmp_path / "nope.jsonl")), tokenizer=TOK)
     assert set(TOKEN_FIELDS) | {"segment_ids"} == set(BATCH_FIELDS)

@@ -27,12 +27,12 @@ TOK = build_char_tokenizer()
 
 
 def _make_dataset_main():
-    return load_script("make_dataset").main
+    return load_script("build_tfds_dataset").main
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """A JSONL with 60 episodes (some cut at seq_len 64) and one bad line, built by scripts/make_dataset.py."""
+    """A JSONL with 60 episodes (some cut at seq_len 64) and one bad line, built by scripts/build_tfds_dataset.py."""
     root = tmp_path_factory.mktemp("tfds")
     jsonl = root / "eps.jsonl"
     write_jsonl(jsonl, synthetic_episodes(60, seed=5))

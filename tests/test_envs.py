@@ -341,8 +341,8 @@ def test_dataset_determinism_format_and_normalisation_anchors(task, tmp_path):
         assert envs.normalize(ret, stats) == pytest.approx(score)
 
 
-def test_make_task_data_script_writes_data_and_stats(tmp_path):
-    module = load_script("make_task_data")
+def test_generate_task_data_script_writes_data_and_stats(tmp_path):
+    module = load_script("generate_task_data")
     out = tmp_path / "sub" / "maze.jsonl"
     assert module.main(["maze", "--episodes", "30", "--seed", "1", "--out", str(out)]) == 0
     episodes = read_jsonl(out)

@@ -15,7 +15,7 @@ from jaxrl_lm.generate import (
     Decoded, DecodeSpec, Sampling, _best_of, advance, bucket, decode, prefill, prompt_layout,
 )
 from jaxrl_lm.models import build
-from jaxrl_lm.rl.policy import policy_scores, sample_tokens, top_k_mask, top_p_mask
+from jaxrl_lm.rl.policy_extraction import policy_scores, sample_tokens, top_k_mask, top_p_mask
 from jaxrl_lm.models import split_model
 
 VOCAB, PADDED = 50, 64
@@ -83,14 +83,14 @@ def full_forward_at_ends(fns: SimpleNamespace, rows: list[np.ndarray], width: in
 
 
 def numpy_scores(kind: str, lm: np.ndarray, q: np.ndarray, v: np.ndarray, beta: float) -> np.ndarray:
-    """The formulas of DESIGN.md section 3 in NumPy, padded ids at -inf."""
+    """The formulas of docs/design.md section 3 in NumPy, padded ids at -inf."""
     lm = np.where(np.arange(lm.shape[-1]) < VOCAB, lm.astype(np.float64), -np.inf)
     log_pi = lm - np.log(np.exp(lm - lm.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lm.max(-1, keepdims=True)
     qmin = np.where(np.arange(lm.shape[-1]) < VOCAB, q.min(0), -np.inf)
     return {"bc": log_pi, "ilql": log_pi + beta * (qmin - v[..., None]), "q": qmin}[kind]
 
 
-# ------------------------------------------------------------------------------------------- rl/policy.py
+# ------------------------------------------------------------------------------------------- rl/policy_extraction.py
 
 
 @pytest.mark.parametrize("kind", ["bc", "ilql", "q"])

@@ -24,7 +24,7 @@ from jaxrl_lm.data.tokenizer import build_char_tokenizer, load_tokenizer, save_t
 from jaxrl_lm.interop import HEADS_JSON, WEIGHTS_INDEX, export_hf, import_hf, read_heads
 from jaxrl_lm.models import build
 from jaxrl_lm.models.transformer import init_cache
-from jaxrl_lm.rl.policy import merged_policy_weights, policy_scores
+from jaxrl_lm.rl.policy_extraction import merged_policy_weights, policy_scores
 from script_loader import load_script
 
 TOL = 1e-4
@@ -268,7 +268,8 @@ def test_merged_policy_refused_when_not_exact(tmp_path):
 
 @pytest.mark.parametrize("kind", ["ilql", "q"])
 def test_merged_policy_weights_match_policy_scores(kind):
-    """One linear Q head with an action-independent bias: softmax(h W'^T) is the engine's policy (rl.policy)."""
+    """One linear Q head with an action-independent bias: softmax(h W'^T) is the engine's policy
+    (rl.policy_extraction)."""
     rng = np.random.default_rng(0)
     b, d, v, vp = 5, 8, 11, 16  # vp: a padded vocabulary, whose ids policy_scores gives -inf
     h = rng.standard_normal((b, d)).astype(np.float32)

@@ -52,7 +52,8 @@ TOY = register(Objective(
     denominator=lambda settings, rl, batch: jnp.maximum(jnp.sum(batch["segment_ids"] != 0, dtype=jnp.float32), 1.0),
     groups=lambda settings, rl: (ParamGroup("reference", "frozen", ("v_head",)),),
     summed_metrics=frozenset({"loss", "fit", "pull", "tokens_scored"}),
-    head_flops=lambda settings, rl, model, b, l: HeadFlops(trunk_forwards=0, heads=float(b * l * 3 * 4 * model.d_model)),
+    head_flops=lambda settings, rl, model, b, seq: HeadFlops(trunk_forwards=0,
+                                                             heads=float(b * seq * 3 * 4 * model.d_model)),
 ))
 
 
@@ -138,7 +139,7 @@ def test_stacked_seeds_through_the_loop_checkpoint_and_resume(tmp_path, episodes
                                               "train__log_every": 2, "train__checkpoint_every": 2})
     final = loop.train(cfg, seeds=[3, 4], episodes=episodes, progress=False)
     assert final["seeds"] == [3, 4] and final["skipped"] == [0, 0] and final["step"] == 4
-    restored = checkpoint.restore(checkpoint.checkpoint_dir(cfg), loop._abstract(
+    restored = checkpoint.restore(checkpoint.checkpoint_dir(cfg), loop.state_layout(
         cfg, loop.setup_parallelism(cfg), (3, 4))[1])
     assert restored.state.step.shape == (2,) and restored.state.groups["target"]["q_heads"]["out_kernel"].shape[0] == 2
     # Seed i of the stack starts as init_state(cfg, seed=seeds[i]) (the update is the vmapped single-seed one).

@@ -1,5 +1,5 @@
 """The update's objective on packed rows equals the objective on the same episodes one per row: no backup or
-attention crosses an episode boundary, and padding contributes nothing (DESIGN.md section 2)."""
+attention crosses an episode boundary, and padding contributes nothing (docs/design.md section 2)."""
 
 import jax
 import jax.numpy as jnp

@@ -13,6 +13,7 @@ The token layout is documented in ``jaxrl_lm.data.convert``; the schema in ``jax
 from jaxrl_lm.data.convert import TOKEN_FIELDS, TokenizedEpisode, layout, tokenize_episode, tokenize_episode_windows, tokenize_episodes, truncate
 from jaxrl_lm.data.episodes import (
     Episode,
+    EpisodeRecord,
     EpisodeError,
     Rejection,
     Turn,
@@ -31,9 +32,9 @@ from jaxrl_lm.data.tfds_builder import JaxrlEpisodes, build_dataset, find_datase
 from jaxrl_lm.data.tokenizer import Tokenizer, build_char_tokenizer, load_tokenizer, save_tokenizer, train_bpe_tokenizer
 
 __all__ = [
-    "DataStats", "Episode", "EpisodeError", "JaxrlEpisodes", "Loader", "Rejection", "TOKEN_FIELDS", "Tokenizer",
-    "TokenizedEpisode", "Turn", "build_char_tokenizer", "build_dataset", "episodes_to_batch", "find_dataset_dir",
-    "iter_episodes", "jsonl_records", "layout", "load_source", "load_tokenizer", "loader_throughput",
+    "DataStats", "Episode", "EpisodeError", "EpisodeRecord", "JaxrlEpisodes", "Loader", "Rejection", "TOKEN_FIELDS",
+    "Tokenizer", "TokenizedEpisode", "Turn", "build_char_tokenizer", "build_dataset", "episodes_to_batch",
+    "find_dataset_dir", "iter_episodes", "jsonl_records", "layout", "load_source", "load_tokenizer", "loader_throughput",
     "make_loader", "memory_records", "open_dataset", "packing_efficiency", "parse_episode", "read_jsonl",
     "save_tokenizer", "synthetic_episodes", "to_global_batch", "tokenize_episode", "tokenize_episode_windows",
     "tokenize_episodes", "train_bpe_tokenizer", "truncate", "write_jsonl",

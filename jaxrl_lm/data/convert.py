@@ -1,4 +1,4 @@
-"""Episode -> per-token arrays: the token layout of DESIGN.md section 2.
+"""Episode -> per-token arrays: the token layout of docs/design.md section 2.
 
 Layout. Let ``w_k`` be the ids of turn ``k``'s text (``Tokenizer.encode_batch``, no special tokens added) for the
 turns ``k = 0..T-1``. The untruncated sequence is::
@@ -89,7 +89,7 @@ class TokenizedEpisode:
 
     @property
     def has_decision(self) -> bool:
-        """True when some position predicts an action token (DESIGN.md section 2, set D is non-empty)."""
+        """True when some position predicts an action token (docs/design.md section 2, set D is non-empty)."""
         return bool(self.arrays["action_mask"][1:].any())
 
 

@@ -34,6 +34,11 @@ _EPISODE_KEYS = {"id", "turns", "done", "meta"}
 _TURN_KEYS = {"role", "text", "reward"}
 
 
+# An episode as one JSON object (a JSONL line, or what the environments write): the plain-dict form of
+# ``Episode``, which ``parse_episode`` validates.
+EpisodeRecord = dict[str, Any]
+
+
 class EpisodeError(ValueError):
     """One invalid episode line. ``str()`` is ``file:line: field: reason``."""
 

@@ -135,7 +135,7 @@ def _check_built(meta: Mapping[str, Any], cfg: DataConfig, tokenizer: Tokenizer,
         if built != ours:
             hint = f" (built with {built_tok.get('name')!r})" if key == "data.tokenizer" else ""
             raise ValueError(f"{key}: dataset {path} was built with {built!r}{hint}, the run uses {ours!r}; "
-                             f"rebuild it with scripts/make_dataset.py or change {key}")
+                             f"rebuild it with scripts/build_tfds_dataset.py or change {key}")
 
 
 TASK_PREFIX = "task:"

@@ -11,7 +11,7 @@ own with :func:`register_env`, and a whole task (env + policies + budgets) with 
 
 from jaxrl_lm.envs.base import (
     Env,
-    Episode,
+    EpisodeRecord,
     Policy,
     Transcript,
     env_names,
@@ -45,7 +45,7 @@ from jaxrl_lm.envs import grid, maze, twenty_questions, wordle  # noqa: E402,F40
 __all__ = [
     "TASK_PREFIX",
     "Env",
-    "Episode",
+    "EpisodeRecord",
     "Policy",
     "TaskSpec",
     "TaskStats",

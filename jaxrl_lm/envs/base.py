@@ -7,7 +7,7 @@ An environment is any object with
 
 where ``done`` is True only when the episode really ended (goal reached, game over). Cutting an episode at a
 step budget is the rollout's business, not the env's: such an episode is *truncated* and keeps ``done=False``,
-so value learning bootstraps through the cut (DESIGN.md section 2). A malformed or illegal action text is a
+so value learning bootstraps through the cut (docs/design.md section 2). A malformed or illegal action text is a
 normal move that the env penalises; it never raises. An env behind a task (``jaxrl_lm.envs.tasks``) also has
 ``num_instances``, the number of distinct starts or secrets that ``reset`` picks from.
 
@@ -32,7 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
-Episode = dict[str, Any]
+from jaxrl_lm.data.episodes import EpisodeRecord
+
 Policy = Callable[[list[str]], list[str]]
 
 
@@ -77,7 +78,7 @@ def render_transcript(turns: Iterable[dict[str, Any]]) -> str:
     return "".join(turn["text"] + "\n" for turn in turns)
 
 
-def episode_return(episode: Episode) -> float:
+def episode_return(episode: EpisodeRecord) -> float:
     """Sum of the action rewards of an episode record."""
     return float(sum(turn["reward"] for turn in episode["turns"] if turn["role"] == "action"))
 
@@ -100,7 +101,7 @@ def rollout(
     max_steps: int | Sequence[int],
     task: str,
     first_id: int = 0,
-) -> list[Episode]:
+) -> list[EpisodeRecord]:
     """Run one episode in each env, batching the policy over all episodes still running.
 
     Args:
@@ -156,7 +157,7 @@ def _advance(run: _Running, action: str) -> None:
     run.done = bool(done)
 
 
-def _record(run: _Running, task: str, number: int) -> Episode:
+def _record(run: _Running, task: str, number: int) -> EpisodeRecord:
     """Episode record of a finished or truncated run."""
     episode = {"id": f"{task}-{number:06d}", "turns": run.turns, "done": run.done, "meta": {"task": task}}
     episode["meta"]["return"] = episode_return(episode)

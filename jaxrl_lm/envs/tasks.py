@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxrl_lm.config import DataConfig
 from jaxrl_lm.data.loader import TASK_PREFIX  # data.path: task:NAME names a built-in task's offline data
-from jaxrl_lm.envs.base import Env, Episode, Policy, register_env, rollout
+from jaxrl_lm.envs.base import Env, EpisodeRecord, Policy, register_env, rollout
 from jaxrl_lm.envs.normalize import TaskStats
 
 # Dataset anchors: the 50 mark is the dataset's mean return, unless the dataset's episodes are not whole
@@ -80,7 +80,7 @@ _TASKS: dict[str, TaskSpec] = {}
 
 
 def register_task(spec: TaskSpec, overwrite: bool = False) -> None:
-    """Add a task to the table that :func:`get_task` and ``scripts/make_task_data.py`` read, and its env to the
+    """Add a task to the table that :func:`get_task` and ``scripts/generate_task_data.py`` read, and its env to the
     env registry under the same name (``make_env(spec.name)``)."""
     if spec.name in _TASKS and not overwrite:
         raise ValueError(f"register_task: {spec.name!r} is already registered; pass overwrite=True to replace it")
@@ -111,7 +111,7 @@ def run_policy(
     max_steps: int | Sequence[int],
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
-) -> list[Episode]:
+) -> list[EpisodeRecord]:
     """Roll ``act`` out on the task for each seed, ``batch_size`` episodes at a time; ids number from 0.
     ``max_steps``: one step budget for all episodes, or one per seed.
 
@@ -121,7 +121,7 @@ def run_policy(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     envs = [spec.make_env() for _ in range(min(batch_size, len(seeds)))]
-    episodes: list[Episode] = []
+    episodes: list[EpisodeRecord] = []
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start : start + batch_size])
         budgets = max_steps if isinstance(max_steps, int) else list(max_steps[start : start + batch_size])
@@ -131,14 +131,14 @@ def run_policy(
     return episodes
 
 
-def evaluate(task: str | TaskSpec, act: Policy, repeats: int = 1, batch_size: int = 64) -> list[Episode]:
+def evaluate(task: str | TaskSpec, act: Policy, repeats: int = 1, batch_size: int = 64) -> list[EpisodeRecord]:
     """Episodes of ``act`` from every evaluation seed (``repeats`` times each) under the evaluation budget."""
     spec = _as_spec(task)
     seeds = [i + spec.num_instances * r for r in range(repeats) for i in range(spec.num_instances)]
     return run_policy(spec, act, seeds, spec.eval_steps, batch_size)
 
 
-def mean_return(episodes: list[Episode]) -> float:
+def mean_return(episodes: list[EpisodeRecord]) -> float:
     """Mean of ``meta["return"]`` over episode records."""
     if not episodes:
         raise ValueError("mean_return of no episodes")
@@ -162,7 +162,7 @@ def make_dataset(
     seed: int,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
-) -> tuple[list[Episode], dict]:
+) -> tuple[list[EpisodeRecord], dict]:
     """Offline dataset of ``episodes`` behaviour episodes and its stats (same seed, same data).
 
     Returns:
@@ -182,7 +182,7 @@ def make_dataset(
     return data, dataset_stats(spec, data, seed)
 
 
-def dataset_stats(task: str | TaskSpec, episodes: list[Episode], seed: int) -> dict:
+def dataset_stats(task: str | TaskSpec, episodes: list[EpisodeRecord], seed: int) -> dict:
     """Return summary of a dataset plus the normalisation anchors of its task."""
     spec = _as_spec(task)
     returns = np.array([episode["meta"]["return"] for episode in episodes], dtype=np.float64)
@@ -215,7 +215,7 @@ def dataset_stats(task: str | TaskSpec, episodes: list[Episode], seed: int) -> d
     }
 
 
-def task_dataset(data_cfg: DataConfig) -> list[Episode]:
+def task_dataset(data_cfg: DataConfig) -> list[EpisodeRecord]:
     """The offline dataset of ``data.path: task:NAME``: ``data.task_episodes`` episodes drawn with ``data.seed``.
 
     The entry points that build a loader resolve such a path with this (``jaxrl_lm.experiments.run``), so the

@@ -129,7 +129,8 @@ class History:
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"step": np.asarray(self.steps, np.int64)}
-        out.update({k: np.stack([np.asarray(row[k]) for row in self.rows]) for k in (self.rows[0] if self.rows else {})})
+        names = self.rows[0] if self.rows else {}
+        out.update({k: np.stack([np.asarray(row[k]) for row in self.rows]) for k in names})
         return out
 
 

@@ -15,7 +15,7 @@ What lives where (each module imports only the modules listed above it, plus ``j
 - ``hf_import``: ``import_hf``, ``params_from_hf``, ``trunk_from_hf`` and the Q/V head initialisation
   (``q_init``: ``init_heads``, ``q_heads_from_lm``).
 - ``hf_export``: ``export_hf``, ``trunk_to_hf`` and the merged policy LM head (``policy_lm_head``, whose formula
-  is ``jaxrl_lm.rl.policy.merged_policy_weights``).
+  is ``jaxrl_lm.rl.policy_extraction.merged_policy_weights``).
 - ``gguf``: a Llama GGUF file as HF tensors and tokenizer (``read_gguf``, ``import_gguf``, ``load_smollm2``).
 
 Tokenizer files of an export are written by ``jaxrl_lm.data.save_tokenizer``.

@@ -4,12 +4,13 @@
 the Q/V heads travel beside it in ``q_heads.safetensors`` (described by ``q_heads.json``, ``heads_file``), so that
 ``import_hf`` of an export gives back the whole Q-model exactly.
 
-Merged policy export (``policy``). At a state with hidden ``h`` the engine's policies (DESIGN.md section 3,
-``jaxrl_lm.rl.policy``) are ``softmax(s / T)`` with scores
+Merged policy export (``policy``). At a state with hidden ``h`` the engine's policies (docs/design.md section 3,
+``jaxrl_lm.rl.policy_extraction``) are ``softmax(s / T)`` with scores
     ``ilql``: ``s(a) = log_softmax(h W_lm)(a) + beta * (min_k Q_k(h, a) - V(h))``,
     ``q``:    ``s(a) = min_k Q_k(h, a)``.
 With ``K = 1`` and a linear head ``Q(h, a) = h . w_q[a] + b_q[a]`` whose ``b_q`` is the same for every action,
-the policy is exactly ``softmax(h W')`` of an ordinary HF LM head (``rl.policy.merged_policy_weights`` derives it)
+the policy is exactly ``softmax(h W')`` of an ordinary HF LM head
+(``rl.policy_extraction.merged_policy_weights`` derives it)
     ``ilql``: ``W' = (W_lm + beta W_q) / T``,      ``q``: ``W' = W_q / T``.
 This is what a merged export writes as ``lm_head.weight`` (untied: ``tie_word_embeddings`` false; the original
 LM head stays in ``q_heads.safetensors``). It is refused, with the reason, when not exact: ``K > 1`` (a min over
@@ -33,7 +34,7 @@ from jaxrl_lm.interop.hf_config import config_to_hf
 from jaxrl_lm.interop.names import get_path, lm_rows, rules
 from jaxrl_lm.interop.safetensors_io import save_weights
 from jaxrl_lm.models import Params
-from jaxrl_lm.rl.policy import merged_policy_weights
+from jaxrl_lm.rl.policy_extraction import merged_policy_weights
 
 
 def trunk_to_hf(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:

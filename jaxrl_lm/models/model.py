@@ -26,7 +26,7 @@ Params = dict[str, Any]
 
 
 class QTransformer(nnx.Module):
-    """Decoder-only transformer with token-level Q, V and LM heads (DESIGN.md section 2).
+    """Decoder-only transformer with token-level Q, V and LM heads (docs/design.md section 2).
 
     Every head takes hidden states ``h [..., D]`` of any leading shape; ``h_i`` scores the token after ``i``.
     """

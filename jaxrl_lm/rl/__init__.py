@@ -1,7 +1,8 @@
 """Pure math of value-based RL for language models: arrays in, arrays out (no Flax, no I/O).
 
 ``objective`` is the seam every method plugs into (``Objective``, ``register``, ``get_objective``);
-``token_q`` is token-level Q-learning (ILQL), registered as ``rl.objective: token_q``.
+``token_q`` is token-level Q-learning (ILQL), registered as ``rl.objective: token_q``; ``policy_extraction``
+turns head outputs into next-token scores and samples.
 """
 
 from jaxrl_lm.rl.losses import (

@@ -1,4 +1,4 @@
-"""The loss terms of DESIGN.md section 2 on gathered decision rows. Pure functions, float32 throughout.
+"""The loss terms of docs/design.md section 2 on gathered decision rows. Pure functions, float32 throughout.
 
 Every loss is a weighted sum over rows divided by ``denominator``: the number of decision positions of the
 *global* batch (all devices, all micro-batches of one optimizer step), so a sharded or accumulated step

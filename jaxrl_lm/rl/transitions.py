@@ -1,4 +1,4 @@
-"""The token-level MDP of DESIGN.md section 2: which positions are decisions, where each backs up to, and how
+"""The token-level MDP of docs/design.md section 2: which positions are decisions, where each backs up to, and how
 much it is discounted. Arrays in, arrays out; every output is ``[B, L]`` and indexed by the position ``i`` whose
 hidden state ``h_i`` scores the action ``a_i = x[i+1]``.
 """

@@ -150,7 +150,7 @@ def stacked_sharding(sharding: TrainState) -> TrainState:
     return jax.tree.map(lambda sh: NamedSharding(sh.mesh, PartitionSpec(None, *sh.spec)), sharding)
 
 
-def _abstract(cfg: Config, par: Parallelism, seeds: Optional[tuple[int, ...]]) -> tuple[TrainState, TrainState]:
+def state_layout(cfg: Config, par: Parallelism, seeds: Optional[tuple[int, ...]]) -> tuple[TrainState, TrainState]:
     """``(state shardings, abstract state)`` of a single run or of a stack of ``len(seeds)`` runs."""
     if seeds is None:
         return par.state_sharding, par.abstract_state
@@ -220,7 +220,7 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
     par = setup_parallelism(cfg)
     if is_main and progress:
         tqdm.write(par.summary())
-    sharding, abstract = _abstract(cfg, par, seeds)
+    sharding, abstract = state_layout(cfg, par, seeds)
     # Fresh and restored states both land on these shardings, so that a resumed run compiles (and runs) the
     # very program an uninterrupted one does.
     if start is None:
@@ -266,7 +266,7 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
             if saving:
                 ctx = dataclasses.replace(ctx, saving=True)
                 for hook in hooks:
-                    if hook.at_checkpoints and hook not in ran:
+                    if hook.at_checkpoints and not any(hook is h for h in ran):
                         step_hooked.update(hook.fn(ctx) or {})
             if step_hooked:
                 hooked.update(step_hooked)

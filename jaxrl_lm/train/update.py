@@ -55,7 +55,8 @@ def loss_fn(
         views[name] = model_view(nnx.merge(graphdef, {**params, **jax.lax.stop_gradient(group)}), cfg.model.context)
     positions, attention_ids = trunk_inputs(batch, cfg.model.context)
     hidden = model.hidden(batch["tokens"], positions, attention_ids, dropout_rng=dropout_rng)
-    return objective.loss(cfg.objective, cfg.rl, batch, hidden, views, denominator, vocab_size=cfg.model.vocab_size)
+    return objective.loss(cfg.section(objective.name), cfg.rl, batch, hidden, views, denominator,
+                          vocab_size=cfg.model.vocab_size)
 
 
 def ema(target: Params, online: Params, eta: float) -> Params:

@@ -1,4 +1,4 @@
-"""Policy extraction (DESIGN.md section 3): next-token scores at a decision state, filtering and sampling.
+"""Policy extraction (docs/design.md section 3): next-token scores at a decision state, filtering and sampling.
 
 Pure functions of head outputs: arrays in, arrays out. Shapes: ``[...]`` is any leading shape of decision states
 (the decoder uses ``[B]``), ``K`` Q-heads, ``V`` the padded vocabulary; ids ``>= vocab_size`` are vocabulary
@@ -16,20 +16,19 @@ then the top-p nucleus, and draws; temperature 0 takes the argmax of the unfilte
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from jaxrl_lm.config import POLICY_KINDS  # the one list of policy kinds (the config validates against it)
 from jaxrl_lm.rl.losses import mask_padded_vocab
 
-PolicyKind = Literal["bc", "ilql", "q"]
-KINDS: tuple[str, ...] = ("bc", "ilql", "q")
 
 
 def check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"policy kind must be one of {KINDS}, got {kind!r}")
+    if kind not in POLICY_KINDS:
+        raise ValueError(f"policy kind must be one of {POLICY_KINDS}, got {kind!r}")
 
 
 def needs_heads(kind: str) -> tuple[bool, bool, bool]:

@@ -1,6 +1,6 @@
 """Write a task's offline dataset (JSON Lines of episodes) and its stats JSON next to it.
 
-    python scripts/make_task_data.py maze --episodes 1000 --seed 0 --out data/maze.jsonl
+    python scripts/generate_task_data.py maze --episodes 1000 --seed 0 --out data/maze.jsonl
 
 writes ``data/maze.jsonl`` and ``data/maze.stats.json`` (return summary and the worst / dataset / optimal
 returns that ``jaxrl_lm.envs.normalize`` reads). The same seed always writes the same data.

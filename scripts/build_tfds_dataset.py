@@ -1,6 +1,7 @@
 """Builds the TFDS (ArrayRecord) dataset of tokenized episodes from a JSONL file, and prints its statistics.
 
-    python scripts/make_dataset.py episodes.jsonl --out data/maze --seq-len 128 [--tokenizer path] [--skip-invalid]
+    python scripts/build_tfds_dataset.py episodes.jsonl --out data/maze --seq-len 128 [--tokenizer path] \
+        [--skip-invalid]
 
 The printed directory is what ``data.path`` takes (the out dir works too when it holds one dataset).
 """
