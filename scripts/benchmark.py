@@ -153,7 +153,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
     from jaxrl_lm.train.flops import update_flops
     from jaxrl_lm.train.mesh import place_batch
     from jaxrl_lm.train.sharding import init_sharded_state, setup_parallelism, state_bytes_per_device
-    from jaxrl_lm.train.state import model_graphdef
+    from jaxrl_lm.models import model_graphdef
 
     p = PRESETS[name]
     batch_np = dialogue_batch(p["batch"], p["seq_len"], 50257 if "gpt2" in name else 256, args.turn_len,

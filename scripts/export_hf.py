@@ -16,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxrl_lm.interop import export_hf
 from jaxrl_lm.checkpoints import load_state_params
+from jaxrl_lm.interop import export_hf
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -94,7 +94,7 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, *,
         refused: module docstring), with ``beta`` and ``temperature``.
       max_shard_size: ``model.safetensors`` is split into ``model-0000i-of-0000n.safetensors`` shards plus
         ``model.safetensors.index.json`` past this size (bytes, or a string such as ``"2GB"``).
-      target_params: ``TrainState.target_params``; its ``q_heads`` are saved as ``target.q_heads.*``.
+      target_params: ``TrainState.groups["target"]``; its ``q_heads`` are saved as ``target.q_heads.*``.
       params_source: recorded in ``q_heads.json``: whether ``params`` are the online or the EMA parameters.
 
     Writes ``config.json``, ``generation_config.json`` (sampling at temperature 1 with no top-k/top-p cut, so that
@@ -102,7 +102,7 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, *,
     ``model*.safetensors``, the tokenizer files, ``q_heads.safetensors`` and ``q_heads.json``. Example::
 
         out = jaxrl_lm.export_hf(state.params, cfg.model, "runs/demo-hf", tokenizer=cfg.data.tokenizer,
-                                 target_params=state.target_params)
+                                 target_params=state.groups["target"])
         model = transformers.AutoModelForCausalLM.from_pretrained(out)    # logits [B, L, vocab_size]
     """
     if policy not in ("bc", "ilql", "q"):

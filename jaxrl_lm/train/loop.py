@@ -35,7 +35,7 @@ from jaxrl_lm.train import checkpoint
 from jaxrl_lm.train.mesh import place_batch
 from jaxrl_lm.train.sharding import Parallelism, setup_parallelism
 from jaxrl_lm.train.state import TrainState, init_state
-from jaxrl_lm.train.update import build_update_fn, micro_sharding
+from jaxrl_lm.train.update import make_update
 
 def check_vocab(cfg: Config, tokenizer: data.Tokenizer) -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -169,16 +169,6 @@ def initial_state(cfg: Config, sharding: TrainState, seeds: Optional[tuple[int, 
     return jax.jit(stacked, out_shardings=sharding)(jnp.asarray(seeds, jnp.int32))
 
 
-def make_loop_update(cfg: Config, par: Parallelism, sharding: TrainState, seeds: Optional[tuple[int, ...]]):
-    """The jitted update of the loop: ``make_update``'s, vmapped over the seed axis when ``seeds`` is set (the
-    batch is shared: ``in_axes=None``)."""
-    fn = build_update_fn(cfg, model_graphdef(cfg.model),
-                         micro_sharding(par.batch_sharding) if cfg.optim.grad_accum > 1 else None)
-    if seeds is not None:
-        fn = jax.vmap(fn, in_axes=(0, None))
-    return jax.jit(fn, donate_argnums=0, in_shardings=(sharding, par.batch_sharding), out_shardings=(sharding, None))
-
-
 def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence[Hook] = (),
           episodes: Iterable[Mapping[str, Any]] | None = None, resume: bool = False, progress: bool = True,
           outputs: bool = True) -> dict:
@@ -229,7 +219,8 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
         restored = checkpoint.restore(checkpoint.checkpoint_dir(cfg), abstract, start)
         loader.set_state(restored.loader_state)
         state = restored.state
-    update = make_loop_update(cfg, par, sharding, seeds)
+    update = make_update(cfg, model_graphdef(cfg.model), state_sharding=sharding, batch_sharding=par.batch_sharding,
+                         seed_axis=seeds is not None)
     log = MetricsLog(out_dir, is_main and outputs)
     manager = checkpoint.make_manager(checkpoint.checkpoint_dir(cfg), cfg.train) if outputs else None
     every = cfg.train.checkpoint_every

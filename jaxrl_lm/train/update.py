@@ -145,7 +145,7 @@ def micro_sharding(batch_sharding: Any) -> jax.sharding.NamedSharding | None:
 
 
 def make_update(cfg: Config, graphdef: nnx.GraphDef | None = None, *, state_sharding: Any = None,
-                batch_sharding: Any = None):
+                batch_sharding: Any = None, seed_axis: bool = False):
     """The jitted optimizer step ``update(state, batch) -> (state, metrics)`` for ``cfg``.
 
     Args:
@@ -153,6 +153,10 @@ def make_update(cfg: Config, graphdef: nnx.GraphDef | None = None, *, state_shar
       graphdef: the model's static graph (``split_model(model)[0]``); default ``model_graphdef(cfg.model)``.
       state_sharding, batch_sharding: explicit in/out shardings (``train.sharding.setup_parallelism``); without
         them XLA places everything (one device, or wherever the inputs already live).
+      seed_axis: the state is a stack of seeds (every leaf ``[N, ...]``) and the update is ``jax.vmap`` of the
+        single-seed one, the ``[B, L]`` batch shared by every seed (``in_axes=None``); metrics get a leading
+        ``[N]`` (the training loop's ``seeds``; ``train.seeds.make_multi_seed_update`` also takes per-seed
+        batches).
 
     The returned function takes a ``TrainState`` and a batch, a dict of ``[B, L]`` arrays (``jaxrl_lm.batch``:
     ``tokens``, ``action_mask``, ``done``, ``segment_ids``, ``turn_ids`` int32, ``reward`` float32; numpy is
@@ -174,6 +178,8 @@ def make_update(cfg: Config, graphdef: nnx.GraphDef | None = None, *, state_shar
     """
     graphdef = model_graphdef(cfg.model) if graphdef is None else graphdef
     fn = build_update_fn(cfg, graphdef, micro_sharding(batch_sharding) if cfg.optim.grad_accum > 1 else None)
+    if seed_axis:
+        fn = jax.vmap(fn, in_axes=(0, None))
     if state_sharding is None and batch_sharding is None:
         return jax.jit(fn, donate_argnums=0)
     return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
