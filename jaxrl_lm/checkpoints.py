@@ -43,6 +43,12 @@ def resolve(path: str | Path) -> Path:
     return path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
 
 
+def run_dir(path: str | Path) -> Path:
+    """The run directory (``train.out_dir``) of a run's path or of its ``checkpoints`` directory."""
+    directory = resolve(path)
+    return directory.parent if directory.name == CHECKPOINT_SUBDIR else directory
+
+
 def reader(directory: str | Path) -> ocp.CheckpointManager:
     """A read-only manager of a checkpoint directory (use as a context manager)."""
     path = Path(directory).absolute()

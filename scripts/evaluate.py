@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from jaxrl_lm import envs
-from jaxrl_lm.checkpoints import load_params
+from jaxrl_lm.checkpoints import load_params, run_dir
 from jaxrl_lm.config import POLICY_KINDS
 from jaxrl_lm.eval import evaluate_policy, load_task_stats, markdown_table, write_report
 from jaxrl_lm.model_policy import load_policy
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate_policy(policy, args.task, episodes=args.episodes, task_stats=stats,
                              batch_size=args.batch_size)
     result.update(checkpoint=str(args.checkpoint), step=step)
-    run_dir = args.checkpoint.parent if args.checkpoint.name == "checkpoints" else args.checkpoint
-    md, js = write_report([result], args.out or run_dir / "eval", f"{args.task}_{args.policy}_step{step}")
+    md, js = write_report([result], args.out or run_dir(args.checkpoint) / "eval", f"{args.task}_{args.policy}_step{step}")
     print(markdown_table([result]), end="")
     print(f"{result['episodes']} episodes in {result['seconds']:.1f} s; wrote {md} and {js}")
     return 0

@@ -1,7 +1,6 @@
 """JSONL -> TFDS (ArrayRecord, no TensorFlow) -> loader gives exactly the in-memory path's batches."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

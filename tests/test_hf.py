@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import json
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

@@ -3,7 +3,6 @@ and no module imports another of the package inside a function (the way a hidden
 
 import ast
 import collections
-from pathlib import Path
 
 from jaxrl_lm.config import REPO_ROOT
 

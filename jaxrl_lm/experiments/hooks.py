@@ -17,16 +17,10 @@ from tqdm.auto import tqdm
 
 from jaxrl_lm.config import Config
 from jaxrl_lm.eval import evaluate_training_policies, training_metrics
-from jaxrl_lm.train.loop import Hook, StepContext
+from jaxrl_lm.train.loop import Hook, StepContext, json_default
 from jaxrl_lm.train.seeds import unstack
 
 Curves = dict[int, list[tuple[int, float]]]
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def score(result: Mapping[str, Any]) -> float:
@@ -50,7 +44,7 @@ def evaluation_hook(cfg: Config, curves: Optional[Curves] = None, *, progress: b
                 curves.setdefault(seed, []).append((ctx.step, score(results[0])))
         if ctx.is_main:
             with (ctx.out_dir / "eval.jsonl").open("a") as f:
-                f.writelines(json.dumps(line, default=_json_default) + "\n" for line in lines)
+                f.writelines(json.dumps(line, default=json_default) + "\n" for line in lines)
             if progress:
                 tqdm.write(f"step {ctx.step}: " + ", ".join(
                     f"{line['policy']['kind']}{'' if ctx.seeds is None else ' seed ' + str(line['seed'])} "

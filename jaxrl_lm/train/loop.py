@@ -299,11 +299,11 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
     if seeds is not None:
         final["seeds"] = list(seeds)
     if is_main and outputs:
-        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2, default=_json_default))
+        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2, default=json_default))
     return final
 
 
-def _json_default(x: Any) -> Any:
+def json_default(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
