@@ -134,6 +134,27 @@ def test_stacked_seeds_stop_on_dropped_decisions_like_a_single_run(tmp_path, epi
             loop.train(cfg, seeds=seeds, episodes=episodes, progress=False, outputs=False)
 
 
+def test_decisions_dropped_between_log_steps_still_stop_the_run(tmp_path):
+    """Only the first batch overflows the head slots and only step 3 is logged: the loop still stops."""
+    def episode(i, observation, action):
+        return {"id": f"e{i}", "turns": [{"role": "observation", "text": observation},
+                                         {"role": "action", "text": action, "reward": 0.0}], "done": True}
+
+    # 8 rows of one 34-token episode with 31 decisions each (16 slots: 15 dropped a row), then rows of one
+    # 40-token episode with 2 decisions each (nothing dropped), in order.
+    long = [episode(i, "o", "a" * 30) for i in range(8)]
+    short = [episode(8 + i, "o" * 36, "a") for i in range(16)]
+    cfg = load_config("configs/demo.yaml", **{**TINY, "train__out_dir": str(tmp_path), "train__steps": 3,
+                                              "train__log_every": 3, "data__shuffle": False,
+                                              "rl__decision_fraction": 0.25})
+    with pytest.raises(RuntimeError, match="steps 1-3: 120 decision positions did not fit"):
+        loop.train(cfg, episodes=long + short, progress=False, outputs=False)
+    # The same data with room for every decision trains through.
+    roomy = load_config("configs/demo.yaml", **{**TINY, "train__out_dir": str(tmp_path), "train__steps": 3,
+                                                "train__log_every": 3, "data__shuffle": False})
+    assert loop.train(roomy, episodes=long + short, progress=False, outputs=False)["decisions_dropped"] == 0
+
+
 def test_stacked_seeds_through_the_loop_checkpoint_and_resume(tmp_path, episodes):
     cfg = load_config("configs/demo.yaml", **{**TINY, "train__out_dir": str(tmp_path), "train__steps": 4,
                                               "train__log_every": 2, "train__checkpoint_every": 2})

@@ -10,7 +10,7 @@ positions into a static buffer of ``M = ceil(decision_fraction * L)`` slots befo
 target Q-values at the data action are computed by gathering the output weights first (``q_at``), so the
 target heads never project onto the whole vocabulary unless a ``max`` (or ``sarsa`` at a truncation) backup
 needs it. Decisions past a row's ``M`` slots are counted in ``metrics['decisions_dropped']``, never silently
-lost (the data loader checks it before training too, and the training loop stops on it).
+lost: the training loop sums it over every step and stops on it.
 """
 
 from __future__ import annotations

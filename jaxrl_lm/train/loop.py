@@ -233,6 +233,9 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
     hooked: dict[str, float] = {}
     preempted = False
     window_start, window_steps = time.perf_counter(), 0
+    # Decisions that did not fit the head slots, summed on the device over the steps since the last log step:
+    # every step is checked, and the host reads the sum only where it reads the metrics anyway.
+    dropped_since_log: Optional[jax.Array] = None
     notice = checkpoint.PreemptionNotice().install()
     try:
         for step in range(first, cfg.train.steps + 1):
@@ -243,6 +246,9 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
                                  f"data.num_epochs (now {cfg.data.num_epochs}; 0 = repeat forever) or lower "
                                  f"train.steps") from None
             state, metrics = update(state, place_batch(batch, par.mesh))
+            if "decisions_dropped" in metrics:
+                dropped = jnp.sum(metrics["decisions_dropped"])
+                dropped_since_log = dropped if dropped_since_log is None else dropped_since_log + dropped
             window_steps += 1
             bar.update(1)
             is_last = step == cfg.train.steps
@@ -276,12 +282,12 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
             last, per_seed = _host_metrics(metrics)
             elapsed = time.perf_counter() - window_start
             last["tokens_per_s"] = window_steps * tokens_per_step / elapsed
-            window_start, window_steps = time.perf_counter(), 0
-            dropped = sum(per_seed.get("decisions_dropped", [last.get("decisions_dropped", 0.0)]))
+            dropped = float(dropped_since_log) if dropped_since_log is not None else 0.0
             if dropped > 0:
                 raise RuntimeError(
-                    f"step {step}: {int(dropped)} decision positions did not fit the head slots of a row; raise "
-                    f"rl.decision_fraction (now {cfg.rl.decision_fraction})")
+                    f"steps {step - window_steps + 1}-{step}: {int(dropped)} decision positions did not fit the head "
+                    f"slots of a row; raise rl.decision_fraction (now {cfg.rl.decision_fraction})")
+            window_start, window_steps, dropped_since_log = time.perf_counter(), 0, None
             log.write(step, last, per_seed)
             postfix = {k: f"{last[k]:.4f}" for k in ("loss", "q_mean") if k in last}
             bar.set_postfix(**postfix, tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
