@@ -201,11 +201,6 @@ def register_section(name: str, settings: type) -> None:
     _SECTIONS[name] = settings
 
 
-def registered_sections() -> dict[str, type]:
-    """Objective section name -> its settings dataclass."""
-    return dict(_SECTIONS)
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run. ``model`` .. ``eval`` are the built-in sections; ``sections`` holds the objective sections
@@ -247,7 +242,8 @@ class Config:
         return out
 
 
-POLICY_KINDS: tuple[str, ...] = ("bc", "ilql", "q")  # policy extractions (jaxrl_lm.rl.policy_extraction); the one list
+# The policy extractions (jaxrl_lm.rl.policy_extraction): the one list, which eval.policies is checked against.
+POLICY_KINDS: tuple[str, ...] = ("bc", "ilql", "q")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from jax.sharding import SingleDeviceSharding
 import jaxrl_lm
 from jaxrl_lm import checkpoints, envs
 from jaxrl_lm.config import ConfigError, from_dict, load_config, to_yaml
-from jaxrl_lm.rl import HeadFlops, Objective, ParamGroup, register
+from jaxrl_lm.rl import HeadFlops, Objective, ParamGroup, get_objective, register, registered
 from jaxrl_lm.train import checkpoint, loop
 from jaxrl_lm.train.flops import update_flops
 
@@ -69,6 +69,9 @@ def episodes():
 
 def test_a_registered_objective_has_its_own_config_section(tmp_path):
     cfg = toy_cfg(tmp_path)
+    assert {"token_q", "toy_value"} <= set(registered()) and get_objective("toy_value") is TOY
+    with pytest.raises(KeyError, match="no objective 'nope'"):
+        get_objective("nope")
     assert cfg.objective == ToyValueConfig(target=1.0, pull=0.25) and cfg.toy_value.pull == 0.25
     assert cfg.token_q.backup == "expectile"  # base.yaml's section is still there, unused
     assert from_dict(cfg.to_dict()) == cfg and "toy_value:" in to_yaml(cfg)
