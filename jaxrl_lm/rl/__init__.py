@@ -2,7 +2,7 @@
 
 ``objective`` is the seam every method plugs into (``Objective``, ``register``, ``get_objective``);
 ``token_q`` is token-level Q-learning (ILQL), registered as ``rl.objective: token_q``; ``policy_extraction``
-turns head outputs into next-token scores and samples.
+turns head outputs into next-token scores and samples; ``utterance`` is the turn-level index contract.
 """
 
 from jaxrl_lm.rl.losses import (
@@ -20,10 +20,11 @@ from jaxrl_lm.rl.losses import (
 from jaxrl_lm.rl.objective import HeadFlops, ModelView, Objective, ParamGroup, get_objective, register, registered
 from jaxrl_lm.rl.token_q import Heads, TokenQConfig, bellman_objective, count_decisions, decision_capacity
 from jaxrl_lm.rl.transitions import Transitions, decision_positions, next_state_index, transitions
+from jaxrl_lm.rl.utterance import TurnTransitions, turn_transitions
 
 __all__ = [
-    "HeadFlops", "Heads", "ModelView", "Objective", "ParamGroup", "TokenQConfig", "Transitions", "awr_weights",
-    "bc_loss", "bellman_objective", "count_decisions", "cql_gap", "cql_loss", "cross_entropy", "decision_capacity",
-    "decision_positions", "expectile_loss", "get_objective", "mask_padded_vocab", "max_backup",
-    "next_state_index", "q_loss", "register", "registered", "td_target", "transitions",
+    "HeadFlops", "Heads", "ModelView", "Objective", "ParamGroup", "TokenQConfig", "Transitions", "TurnTransitions",
+    "awr_weights", "bc_loss", "bellman_objective", "count_decisions", "cql_gap", "cql_loss", "cross_entropy",
+    "decision_capacity", "decision_positions", "expectile_loss", "get_objective", "mask_padded_vocab", "max_backup",
+    "next_state_index", "q_loss", "register", "registered", "td_target", "transitions", "turn_transitions",
 ]

@@ -34,12 +34,12 @@ class Transitions(NamedTuple):
     next_action: jnp.ndarray
 
 
-def _shift_left(x: jnp.ndarray, fill) -> jnp.ndarray:
+def shift_left(x: jnp.ndarray, fill) -> jnp.ndarray:
     """``out[..., i] = x[..., i+1]``, with ``fill`` at the last position."""
     return jnp.concatenate([x[..., 1:], jnp.full_like(x[..., :1], fill)], axis=-1)
 
 
-def _next_at_or_after(candidate: jnp.ndarray) -> jnp.ndarray:
+def next_at_or_after(candidate: jnp.ndarray) -> jnp.ndarray:
     """Smallest ``j >= i`` with ``candidate[j]``, per row; ``L`` where there is none. ``[B, L] bool -> int32``."""
     length = candidate.shape[-1]
     idx = jnp.where(candidate, jnp.arange(length, dtype=jnp.int32), length)
@@ -48,16 +48,16 @@ def _next_at_or_after(candidate: jnp.ndarray) -> jnp.ndarray:
 
 def decision_positions(action_mask: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
     """D = {i : action_mask[i+1] = 1 and seg[i+1] = seg[i] != 0}. ``[B, L] -> [B, L] bool``."""
-    next_is_action = _shift_left(action_mask, 0) == 1
-    same_segment = (_shift_left(segment_ids, 0) == segment_ids) & (segment_ids != 0)
+    next_is_action = shift_left(action_mask, 0) == 1
+    same_segment = (shift_left(segment_ids, 0) == segment_ids) & (segment_ids != 0)
     return next_is_action & same_segment
 
 
 def segment_last_position(segment_ids: jnp.ndarray) -> jnp.ndarray:
     """Index of the last position of the segment (maximal run of one id) holding each position. ``[B, L] int32``."""
-    ends = _shift_left(segment_ids, -1) != segment_ids
+    ends = shift_left(segment_ids, -1) != segment_ids
     ends = ends.at[..., -1].set(True)
-    return _next_at_or_after(ends)
+    return next_at_or_after(ends)
 
 
 def next_state_index(decision: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
@@ -67,7 +67,7 @@ def next_state_index(decision: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.nda
     Segments are contiguous runs, so the first later decision is in i's segment iff it comes before its end.
     """
     length = decision.shape[-1]
-    next_decision = _next_at_or_after(_shift_left(decision, False)) + 1  # smallest j > i with decision[j]
+    next_decision = next_at_or_after(shift_left(decision, False)) + 1  # smallest j > i with decision[j]
     last = segment_last_position(segment_ids)
     return jnp.where(next_decision <= last, next_decision, last).astype(jnp.int32).clip(0, length - 1)
 
@@ -79,23 +79,23 @@ def transitions(
     tokens, seg, turns = batch["tokens"], batch["segment_ids"], batch["turn_ids"]
     decision = decision_positions(batch["action_mask"], seg)
     zero = jnp.zeros_like(tokens)
-    action = jnp.where(decision, _shift_left(tokens, 0), zero)
-    reward = jnp.where(decision, _shift_left(batch["reward"].astype(jnp.float32), 0.0), 0.0)
-    done = jnp.where(decision, _shift_left(batch["done"], 0).astype(jnp.float32), 0.0)
+    action = jnp.where(decision, shift_left(tokens, 0), zero)
+    reward = jnp.where(decision, shift_left(batch["reward"].astype(jnp.float32), 0.0), 0.0)
+    done = jnp.where(decision, shift_left(batch["done"], 0).astype(jnp.float32), 0.0)
 
     own_index = jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
     next_index = jnp.where(decision, next_state_index(decision, seg), own_index)
     next_is_decision = decision & jnp.take_along_axis(decision, next_index, axis=-1)
-    tokens_after = _shift_left(tokens, 0)
+    tokens_after = shift_left(tokens, 0)
     next_action = jnp.where(next_is_decision, jnp.take_along_axis(tokens_after, next_index, axis=-1), zero)
 
     if time_step == "token":
         discount = jnp.where(decision, jnp.float32(gamma), 0.0)
     elif time_step == "utterance":
         # turn(j) = turn_ids[j+1] for a decision j, turn_ids[j] for a segment's last position (never a decision).
-        turn_of_state = jnp.where(decision, _shift_left(turns, 0), turns)
+        turn_of_state = jnp.where(decision, shift_left(turns, 0), turns)
         next_turn = jnp.take_along_axis(turn_of_state, next_index, axis=-1)
-        later_turn = next_turn > _shift_left(turns, 0)
+        later_turn = next_turn > shift_left(turns, 0)
         discount = jnp.where(decision, jnp.where(later_turn, jnp.float32(gamma), 1.0), 0.0)
     else:
         raise ValueError(f"rl.time_step must be 'token' or 'utterance', got {time_step!r}")
@@ -119,7 +119,7 @@ def monte_carlo_returns(tr: Transitions, segment_ids: jnp.ndarray) -> jnp.ndarra
     One reverse scan over positions: the carry holds G of the nearest later decision of the same segment, which
     is G_{n(i)} because n(i) is exactly that decision (or the segment's end, where the carry was reset to 0).
     """
-    segment_end = _shift_left(segment_ids, -1) != segment_ids  # [B, L]: i is its segment's last position
+    segment_end = shift_left(segment_ids, -1) != segment_ids  # [B, L]: i is its segment's last position
 
     def step(carry, x):
         decision, reward, done, discount, end = x
