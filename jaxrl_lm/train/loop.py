@@ -33,7 +33,7 @@ from jaxrl_lm.config import Config, ConfigError, to_yaml
 from jaxrl_lm.models import model_graphdef
 from jaxrl_lm.train import checkpoint
 from jaxrl_lm.train.mesh import place_batch
-from jaxrl_lm.train.sharding import Parallelism, setup_parallelism
+from jaxrl_lm.train.sharding import Parallelism, init_sharded_state, setup_parallelism
 from jaxrl_lm.train.state import TrainState, init_state
 from jaxrl_lm.train.update import make_update
 
@@ -160,11 +160,12 @@ def state_layout(cfg: Config, par: Parallelism, seeds: Optional[tuple[int, ...]]
     return sharding, abstract
 
 
-def initial_state(cfg: Config, sharding: TrainState, seeds: Optional[tuple[int, ...]]) -> TrainState:
+def initial_state(cfg: Config, par: Parallelism, sharding: TrainState, seeds: Optional[tuple[int, ...]]
+                  ) -> TrainState:
     """A fresh state on its shardings (no device or host ever holds a whole copy); with ``seeds``, one per seed
     stacked, seed ``i`` equal to ``init_state(cfg, seed=seeds[i])``."""
     if seeds is None:
-        return jax.jit(lambda: init_state(cfg), out_shardings=sharding)()
+        return init_sharded_state(cfg, par)
     stacked = jax.vmap(lambda seed: init_state(cfg, seed=seed))
     return jax.jit(stacked, out_shardings=sharding)(jnp.asarray(seeds, jnp.int32))
 
@@ -214,7 +215,7 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
     # Fresh and restored states both land on these shardings, so that a resumed run compiles (and runs) the
     # very program an uninterrupted one does.
     if start is None:
-        state = initial_state(cfg, sharding, seeds)
+        state = initial_state(cfg, par, sharding, seeds)
     else:
         restored = checkpoint.restore(checkpoint.checkpoint_dir(cfg), abstract, start)
         loader.set_state(restored.loader_state)
