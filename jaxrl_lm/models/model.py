@@ -42,15 +42,19 @@ class QTransformer(nnx.Module):
         self.v_head = VHead(cfg, rngs)
 
     def hidden(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
-               dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+               dropout_rng: Optional[jax.Array] = None, mask: Optional[jax.Array] = None) -> jax.Array:
         """Trunk forward over packed rows. ``[B, L] int32 x3 -> [B, L, D]`` float32 (after the final norm).
 
         Token ``i`` attends to ``j`` iff ``j <= i`` and ``segment_ids[i] == segment_ids[j]``; ``positions``
         restart in every segment (``jaxrl_lm.batch.segment_positions``). The training update passes what
         ``jaxrl_lm.batch.trunk_inputs`` derives for ``cfg.context``: the episode segments, or one id per
         observation window. Dropout runs iff ``dropout_rng`` is given (and ``cfg.dropout > 0``).
+
+        ``mask [B, L, L] bool`` replaces that rule with an explicit one (token ``i`` sees ``j`` iff
+        ``mask[i, j]``; every row must see some key): the utterance critic's block layout, where sampled turns
+        attend to one copy of their history (``jaxrl_lm.rl.utterance``). ``segment_ids`` are then unused.
         """
-        h, _ = self.transformer(tokens, positions, segment_ids, dropout_rng=dropout_rng)
+        h, _ = self.transformer(tokens, positions, segment_ids, dropout_rng=dropout_rng, mask=mask)
         return h
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -58,7 +62,8 @@ class QTransformer(nnx.Module):
         return init_cache(self.cfg, batch_size, max_len)
 
     def hidden_with_cache(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, cache_index: jax.Array,
-                          segment_ids: Optional[jax.Array] = None) -> tuple[jax.Array, KVCache]:
+                          segment_ids: Optional[jax.Array] = None, mask: Optional[jax.Array] = None
+                          ) -> tuple[jax.Array, KVCache]:
         """Deterministic trunk forward of ``T`` new tokens through a KV cache (prefill ``T > 1``, a step ``T = 1``).
 
         Args:
@@ -69,13 +74,14 @@ class QTransformer(nnx.Module):
           segment_ids: ``[B, T]`` int32, default all 1. Rows of different prompt lengths are left-padded: give
             padding tokens segment 0 (and real tokens positions counting from 0 at their first token); no real
             token then attends to padding.
+          mask: ``[B, T, max_len]`` bool replacing the causal + segment rule (see ``hidden``).
 
         Returns:
           ``h [B, T, D]`` float32 and the updated cache.
         """
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        h, cache = self.transformer(tokens, positions, segment_ids, cache=cache, cache_index=cache_index)
+        h, cache = self.transformer(tokens, positions, segment_ids, cache=cache, cache_index=cache_index, mask=mask)
         return h, cache
 
     def lm_logits(self, h: jax.Array) -> jax.Array:

@@ -138,7 +138,8 @@ class Trunk(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
                  dropout_rng: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-                 cache_index: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[KVCache]]:
+                 cache_index: Optional[jax.Array] = None, mask: Optional[jax.Array] = None
+                 ) -> tuple[jax.Array, Optional[KVCache]]:
         """Hidden states after the final norm.
 
         Args:
@@ -146,6 +147,9 @@ class Trunk(nnx.Module):
           dropout_rng: a PRNG key enabling dropout, or None (deterministic).
           cache: a ``KVCache`` to read and write at ``cache_index`` (int32 scalar), or None to attend only
             among these ``T`` tokens.
+          mask: ``[B, T, S]`` bool, an explicit attention mask replacing the causal + segment one (``S = T``
+            without a cache, the cache length with one); every row must see at least one key. With a cache, the
+            ``segment_ids`` are still written beside the new slots.
 
         Returns:
           ``[B, T, D]`` float32 and the updated cache (None without one).
@@ -158,12 +162,15 @@ class Trunk(nnx.Module):
         x = dropout(self.embed(tokens, positions), cfg.dropout, rng_embed)
         cos, sin = self.rope(positions)
         if cache is None:
-            inputs = AttentionInputs(attention_mask(segment_ids, segment_ids, 0), cos, sin)
+            inputs = AttentionInputs(attention_mask(segment_ids, segment_ids, 0) if mask is None else mask[:, None],
+                                     cos, sin)
             x, _ = scan_blocks(self.blocks, x, inputs, layer_rngs, None, cfg.remat)
             return self.final_norm(x), None
         cache_index = jnp.asarray(cache_index, jnp.int32)
         kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache_index))
-        inputs = AttentionInputs(attention_mask(segment_ids, kv_segment_ids, cache_index), cos, sin, cache_index)
+        if mask is None:
+            mask = attention_mask(segment_ids, kv_segment_ids, cache_index)[:, 0]
+        inputs = AttentionInputs(mask[:, None], cos, sin, cache_index)
         x, (k, v) = scan_blocks(self.blocks, x, inputs, layer_rngs, (cache.k, cache.v), cfg.remat)
         return self.final_norm(x), KVCache(k, v, kv_segment_ids)
 

@@ -2,7 +2,8 @@
 
 ``objective`` is the seam every method plugs into (``Objective``, ``register``, ``get_objective``);
 ``token_q`` is token-level Q-learning (ILQL), registered as ``rl.objective: token_q``; ``policy_extraction``
-turns head outputs into next-token scores and samples; ``utterance`` is the turn-level index contract.
+turns head outputs into next-token scores and samples; ``utterance`` is the turn-level index contract and
+``utterance_q`` the utterance-level critic (CHAI), ``rl.objective: utterance_q``.
 """
 
 from jaxrl_lm.rl.losses import (
@@ -17,14 +18,19 @@ from jaxrl_lm.rl.losses import (
     q_loss,
     td_target,
 )
-from jaxrl_lm.rl.objective import HeadFlops, ModelView, Objective, ParamGroup, get_objective, register, registered
+from jaxrl_lm.rl.objective import (
+    HeadFlops, ModelView, Objective, ParamGroup, TrunkFeed, get_objective, register, registered,
+)
 from jaxrl_lm.rl.token_q import Heads, TokenQConfig, bellman_objective, count_decisions, decision_capacity
 from jaxrl_lm.rl.transitions import Transitions, decision_positions, next_state_index, transitions
-from jaxrl_lm.rl.utterance import TurnTransitions, turn_transitions
+from jaxrl_lm.rl.utterance import TurnSlots, TurnTransitions, turn_slots, turn_transitions
+from jaxrl_lm.rl.utterance_q import UtteranceQConfig
 
 __all__ = [
-    "HeadFlops", "Heads", "ModelView", "Objective", "ParamGroup", "TokenQConfig", "Transitions", "TurnTransitions",
+    "HeadFlops", "Heads", "ModelView", "Objective", "ParamGroup", "TokenQConfig", "Transitions", "TrunkFeed",
+    "TurnSlots", "TurnTransitions", "UtteranceQConfig",
     "awr_weights", "bc_loss", "bellman_objective", "count_decisions", "cql_gap", "cql_loss", "cross_entropy",
     "decision_capacity", "decision_positions", "expectile_loss", "get_objective", "mask_padded_vocab", "max_backup",
-    "next_state_index", "q_loss", "register", "registered", "td_target", "transitions", "turn_transitions",
+    "next_state_index", "q_loss", "register", "registered", "td_target", "transitions", "turn_slots",
+    "turn_transitions",
 ]

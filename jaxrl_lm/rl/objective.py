@@ -34,6 +34,10 @@ class ModelView(NamedTuple):
       what ``model.context`` says (``jaxrl_lm.batch.trunk_inputs``).
     q_logits(h) -> ``[K, ..., Vp]``; q_at(h, a ``[...] int32``) -> ``[K, ...]``; value(h) -> ``[...]``;
     lm_logits(h) -> ``[..., Vp]`` (ids ``>= vocab_size`` are padding and must be masked).
+    trunk(tokens, positions, mask, cache, cache_index) -> ``(h [B, T, D], cache)``: a deterministic forward of
+      ``[B, T]`` tokens under an explicit attention mask ``[B, T, S] bool``; with ``cache`` (from
+      ``init_cache(batch_size, max_len)``, ``S = max_len``) the tokens are written at slots ``[cache_index,
+      cache_index + T)`` and read every slot the mask allows, else (``cache=None``, ``S = T``) only each other.
     """
 
     hidden: Callable[[Batch], jnp.ndarray]
@@ -41,6 +45,23 @@ class ModelView(NamedTuple):
     q_at: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
     value: Callable[[jnp.ndarray], jnp.ndarray]
     lm_logits: Callable[[jnp.ndarray], jnp.ndarray]
+    trunk: Callable[..., tuple[jnp.ndarray, Any]]
+    init_cache: Callable[[int, int], Any]
+
+
+class TrunkFeed(NamedTuple):
+    """What the online trunk reads for one (micro-)batch: ``T >= L`` tokens per row, the batch's own ``L``
+    first.
+
+    tokens, positions: ``[B, T]`` int32.
+    attention_ids: ``[B, T]`` int32 (a token sees earlier tokens of its own id), or None when ``mask`` is given.
+    mask: ``[B, T, T]`` bool explicit attention (``mask[i, j]``: token ``i`` sees token ``j``), or None.
+    """
+
+    tokens: jnp.ndarray
+    positions: jnp.ndarray
+    attention_ids: jnp.ndarray | None = None
+    mask: jnp.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +71,23 @@ class ParamGroup:
     role: ``ema`` follows the trained parameters after every optimizer step (``theta_bar <- theta_bar + eta
       (theta - theta_bar)``, ``eta = rl.target_ema``); ``frozen`` is set once (a copy of the initial trained
       parameters, or parameters given to ``init_state``) and never updated, e.g. the reference policy of a KL
-      constraint.
-    keys: the model's top-level parameter keys it holds (``transformer``, ``lm_head``, ``q_heads``, ``v_head``);
-      the group's ``ModelView`` reads these from the group and every other key from the trained parameters.
+      constraint; ``snapshot`` starts like ``frozen`` and becomes a copy of the trained parameters after every
+      ``refresh_every``-th optimizer step (a sampler that lags the trained model by a bounded number of steps).
+    keys: the model's top-level parameter keys it holds (``transformer``, ``lm_head``, ``q_heads``, ``v_head``)
+      among those the model has (a model with tied embeddings has no ``lm_head``); the group's ``ModelView``
+      reads these from the group and every other key from the trained parameters.
+    refresh_every: the period of a ``snapshot`` group, in optimizer steps (``>= 1``); unused by other roles.
     """
 
     name: str
-    role: Literal["ema", "frozen"]
+    role: Literal["ema", "frozen", "snapshot"]
     keys: tuple[str, ...]
+    refresh_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.role == "snapshot" and self.refresh_every < 1:
+            raise ValueError(f"parameter group {self.name!r}: a snapshot needs refresh_every >= 1, "
+                             f"got {self.refresh_every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +101,12 @@ class HeadFlops:
 
 def _no_groups(settings: Any, rl: RLConfig) -> tuple[ParamGroup, ...]:
     return ()
+
+
+def data_feed(settings: Any, rl: RLConfig, batch: Batch, base: TrunkFeed, views: Mapping[str, ModelView],
+              rng: jnp.ndarray, *, vocab_size: int) -> tuple[TrunkFeed, Batch]:
+    """The default feed: the batch's own tokens as ``model.context`` lays them out, nothing added."""
+    return base, {}
 
 
 def _no_head_flops(settings: Any, rl: RLConfig, model: ModelConfig, batch_size: int, seq_len: int) -> HeadFlops:
@@ -93,6 +129,11 @@ class Objective:
     summed_metrics: metrics that add up over micro-batches (loss terms already divided by the whole step's
       denominator, and counts); every other metric is averaged over them.
     head_flops: ``head_flops(settings, rl, model, batch_size, seq_len) -> HeadFlops`` for MFU reports.
+    feed: ``feed(settings, rl, batch, base, views, rng, *, vocab_size) -> (TrunkFeed, extras)``: what the online
+      trunk reads, given ``base`` (the batch's tokens as ``model.context`` lays them out) and a PRNG key;
+      ``extras`` (a dict of arrays, possibly empty) are added to the batch the loss receives, and ``hidden`` is
+      then ``[B, T, D]``.
+      The default reads the batch alone. The utterance critic appends sampled turns here.
     """
 
     name: str
@@ -102,6 +143,7 @@ class Objective:
     groups: Callable[[Any, RLConfig], tuple[ParamGroup, ...]] = _no_groups
     summed_metrics: frozenset[str] = frozenset({"loss"})
     head_flops: Callable[[Any, RLConfig, ModelConfig, int, int], HeadFlops] = _no_head_flops
+    feed: Callable[..., tuple[TrunkFeed, Batch]] = data_feed
 
 
 _REGISTRY: dict[str, Objective] = {}

@@ -89,8 +89,8 @@ def init_state(cfg: Config, params: Params | None = None, seed: int | jax.Array 
         ``cfg.model`` from ``seed``.
       seed: draws the model's initial parameters (when built here) and the dropout key; default ``train.seed``.
         A traced int32 scalar works too (``jax.vmap`` over seeds).
-      groups: parameters of ``frozen`` groups by name (e.g. a reference policy loaded from a checkpoint), each
-        holding the group's keys; a frozen group not given starts as a copy of ``params``.
+      groups: parameters of ``frozen`` or ``snapshot`` groups by name (e.g. a reference policy loaded from a
+        checkpoint), each holding the group's keys; a group not given starts as a copy of ``params``.
 
     ``ema`` groups start equal to the online parameters (as separate buffers); ``step`` and ``skipped`` are
     int32 scalars at 0, ``rng`` is ``[2] uint32`` key data. Example::
@@ -103,18 +103,19 @@ def init_state(cfg: Config, params: Params | None = None, seed: int | jax.Array 
         params = models.split_model(models.build(cfg.model, seed=seed))[1]
     given = dict(groups or {})
     declared = param_groups(cfg)
-    unknown = set(given) - {g.name for g in declared if g.role == "frozen"}
+    unknown = set(given) - {g.name for g in declared if g.role in ("frozen", "snapshot")}
     if unknown:
         raise ValueError(f"init_state: groups {sorted(unknown)} are not frozen groups of objective "
                          f"{cfg.rl.objective!r} (it declares {[(g.name, g.role) for g in declared]})")
     state_groups = {}
     for g in declared:
         source = given.get(g.name, params)
-        missing = [k for k in g.keys if k not in source]
+        keys = [k for k in g.keys if k in params]  # a model with tied embeddings has no ``lm_head``
+        missing = [k for k in keys if k not in source]
         if missing:
-            raise ValueError(f"init_state: parameter group {g.name!r} needs the keys {list(g.keys)}; the "
+            raise ValueError(f"init_state: parameter group {g.name!r} needs the keys {keys}; the "
                              f"parameters given for it lack {missing}")
-        state_groups[g.name] = {k: jax.tree.map(jnp.copy, source[k]) for k in g.keys}
+        state_groups[g.name] = {k: jax.tree.map(jnp.copy, source[k]) for k in keys}
     return TrainState(
         params=params,
         groups=state_groups,

@@ -19,7 +19,7 @@ from flax import nnx
 from jaxrl_lm.batch import trunk_inputs
 from jaxrl_lm.config import Config
 from jaxrl_lm.models import Params, QTransformer, model_graphdef
-from jaxrl_lm.rl import ModelView, Objective, get_objective
+from jaxrl_lm.rl import ModelView, Objective, TrunkFeed, get_objective
 from jaxrl_lm.train.state import TrainState, make_optimizer, param_groups
 
 
@@ -28,8 +28,13 @@ def model_view(model: QTransformer, context: str) -> ModelView:
     def hidden(batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
         return model.hidden(batch["tokens"], *trunk_inputs(batch, context))
 
+    def trunk(tokens, positions, mask, cache=None, cache_index=None):
+        if cache is None:
+            return model.hidden(tokens, positions, None, mask=mask), None
+        return model.hidden_with_cache(tokens, positions, cache, cache_index, mask=mask)
+
     return ModelView(hidden=hidden, q_logits=model.q_logits, q_at=model.q_at, value=model.value,
-                     lm_logits=model.lm_logits)
+                     lm_logits=model.lm_logits, trunk=trunk, init_cache=model.init_cache)
 
 
 def loss_fn(
@@ -39,23 +44,29 @@ def loss_fn(
     groups: Mapping[str, Params],
     batch: Mapping[str, jnp.ndarray],
     denominator: jnp.ndarray,
-    dropout_rng: jnp.ndarray | None,
+    rng: jnp.ndarray,
     objective: Objective | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """The objective (default: ``rl.objective``) of one (micro-)batch for the online ``params``; gradients never
     reach the ``groups`` (``TrainState.groups``).
 
     Every group is read as the model with the group's keys swapped in (``ParamGroup``); the online trunk's
-    hidden states are computed once here, with dropout when it is on.
+    hidden states are computed once here, over what the objective's ``feed`` returns (the batch itself by
+    default), with dropout when ``model.dropout > 0``. ``rng`` (a PRNG key) draws the dropout and the feed's
+    randomness.
     """
     objective = objective or get_objective(cfg.rl.objective)
+    settings = cfg.section(objective.name)
     model = nnx.merge(graphdef, params)
     views = {"online": model_view(model, cfg.model.context)}
     for name, group in groups.items():
         views[name] = model_view(nnx.merge(graphdef, {**params, **jax.lax.stop_gradient(group)}), cfg.model.context)
-    positions, attention_ids = trunk_inputs(batch, cfg.model.context)
-    hidden = model.hidden(batch["tokens"], positions, attention_ids, dropout_rng=dropout_rng)
-    return objective.loss(cfg.section(objective.name), cfg.rl, batch, hidden, views, denominator,
+    dropout_rng, feed_rng = jax.random.split(rng)
+    base = TrunkFeed(batch["tokens"], *trunk_inputs(batch, cfg.model.context))
+    feed, extras = objective.feed(settings, cfg.rl, batch, base, views, feed_rng, vocab_size=cfg.model.vocab_size)
+    hidden = model.hidden(feed.tokens, feed.positions, feed.attention_ids, mask=feed.mask,
+                          dropout_rng=dropout_rng if cfg.model.dropout > 0 else None)
+    return objective.loss(settings, cfg.rl, {**batch, **extras}, hidden, views, denominator,
                           vocab_size=cfg.model.vocab_size)
 
 
@@ -81,11 +92,10 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sha
     ``[n, B / n, L]`` micro-batches go (``micro_sharding``); None = XLA's choice.
     """
     objective = get_objective(cfg.rl.objective)
-    ema_groups = {g.name: g for g in param_groups(cfg) if g.role == "ema"}
+    roles = {g.name: g for g in param_groups(cfg)}
     tx = make_optimizer(cfg)
     n_micro = cfg.optim.grad_accum
     eta = cfg.rl.target_ema
-    use_dropout = cfg.model.dropout > 0
     grad_fn = jax.value_and_grad(
         lambda p, g, b, d, r: loss_fn(cfg, graphdef, p, g, b, d, r, objective), has_aux=True
     )
@@ -97,8 +107,7 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sha
 
         def micro_step(grads, inputs):
             micro, micro_rng = inputs
-            (_, metrics), g = grad_fn(state.params, state.groups, micro, denominator,
-                                      micro_rng if use_dropout else None)
+            (_, metrics), g = grad_fn(state.params, state.groups, micro, denominator, micro_rng)
             return jax.tree.map(jnp.add, grads, g), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -111,9 +120,18 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sha
 
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        # EMA groups follow the new parameters once per optimizer step; frozen groups never change.
-        new_groups = {name: ({k: ema(group[k], new_params[k], eta) for k in group} if name in ema_groups else group)
-                      for name, group in state.groups.items()}
+        # EMA groups follow the new parameters once per optimizer step, snapshots copy them every
+        # refresh_every-th step; frozen groups never change.
+        new_groups = {}
+        for name, group in state.groups.items():
+            role = roles[name]
+            if role.role == "ema":
+                group = {k: ema(group[k], new_params[k], eta) for k in group}
+            elif role.role == "snapshot":
+                fresh = (state.step + 1) % role.refresh_every == 0
+                group = {k: jax.tree.map(lambda new, old: jnp.where(fresh, new, old), new_params[k], group[k])
+                         for k in group}
+            new_groups[name] = group
 
         ok = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
