@@ -30,16 +30,16 @@ no episode outlasts ``MAX_TURNS`` (6) actions and none is ever truncated; the wo
 malformed) is ``-MALFORMED_PENALTY * MAX_TURNS`` = -0.6.
 
 The reference seller asks the list price, reads the budget off the buyer's first counteroffer and asks exactly
-that (``reference_action``). A buyer never pays more than its budget, so no seller can earn more than the
-budget of every instance: the reference's mean return, the mean budget over 100 (0.75), is the optimum.
+that (``reference_action``). A buyer never pays more than its budget, so on no instance can a seller earn more
+than the budget over 100: the reference earns it on every instance, and its mean return (0.75) is the optimum.
 
 Dataset: a mix of seller styles drawn per episode (``STYLE_WEIGHTS``), none of which reads the counteroffers:
 stubborn (asks near the list price every turn; walked away from by every buyer below it), conceder (one
 middling ask, then takes whatever the buyer counters), random (random asks, deals, walk-aways and malformed
 text) and haggler (concedes a fixed ``HAGGLE_STEP`` per turn from the list price and takes the buyer's offer
-once it meets the ask or is the buyer's last). The random seller's asks cover every price a budget can take, so
-the data holds each piece of the reference's play (the probe, and the ask at the budget after a counteroffer),
-never the whole.
+once it meets the ask or is the buyer's last). The random seller's asks cover every budget, so the data holds
+the pieces of the reference's play (the probe at the list price; asks at the budget after a counteroffer), but
+the whole of it only where a style's fixed asks happen to hit the budget (the haggler's 100, then 90).
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ PRICE_STEP = 5  # budgets and opening offers are multiples of this; so is every 
 BUDGETS = tuple(range(50, LIST_PRICE + 1, PRICE_STEP))  # 50 .. 100: a budget at the list price takes any ask
 OPENING_OFFERS = (30, 35, 40)  # at least 10 below every budget, so the first counteroffer always rises
 PATIENCE = (2, 3, 4, 5, 6)  # rejections the buyer takes; at least 2, so one counteroffer can always be read
-RAISE_DIVISOR = 4  # the buyer raises its offer by 1/4 of the gap to its budget: informative, but slow to close
+# The buyer raises its offer by 1/RAISE_DIVISOR of the gap to its budget: slow to close the gap, yet (being at most
+# PRICE_STEP) the raise's rounding hides less than one PRICE_STEP of the budget, so one counteroffer pins it down.
+RAISE_DIVISOR = 4
 MAX_TURNS = max(PATIENCE)  # every action closes the episode or uses one unit of patience
 MALFORMED_PENALTY = 0.1  # small beside a price (0.01 .. 1.0); a malformed action also costs one unit of patience
 DEAL, NO_DEAL = "deal", "no deal"
@@ -68,6 +70,7 @@ _ASK = re.compile(r"i can do ([1-9][0-9]{0,2})")
 STYLE_WEIGHTS = {"stubborn": 0.25, "conceder": 0.25, "random": 0.25, "haggler": 0.25}
 STUBBORN_ASKS = (LIST_PRICE, LIST_PRICE - PRICE_STEP)  # one drawn per episode, asked every turn
 CONCEDER_ASKS = (60, 65, 70, 75)  # the conceder's one ask (drawn per episode) before it takes the buyer's offer
+STYLE_ASKS = {"stubborn": STUBBORN_ASKS, "conceder": CONCEDER_ASKS}  # styles with an ask fixed per episode
 HAGGLE_STEP = 10  # the haggler asks 100, 90, 80, ...
 RANDOM_ASKS = tuple(range(OPENING_OFFERS[0], LIST_PRICE + 1, PRICE_STEP))  # every budget among them
 RANDOM_DEAL, RANDOM_NO_DEAL, RANDOM_MALFORMED = 0.15, 0.05, 0.1  # the random seller's move odds; else it asks
@@ -236,15 +239,15 @@ def behaviour_policy(seed: int, styles: Mapping[str, float] = STYLE_WEIGHTS) -> 
     names = list(styles)
     weights = np.array([styles[name] for name in names], dtype=np.float64)
     rng = np.random.default_rng(seed)
-    sellers: dict[int, tuple[str, int]] = {}  # rollout slot -> (style, its ask for the episode)
+    sellers: dict[int, tuple[str, int]] = {}  # rollout slot -> (style, its ask for the episode; 0: none)
 
     def act(transcripts: list[Transcript]) -> list[str]:
         actions = []
         for t in transcripts:
             if t.env.turn == 0:
                 style = names[rng.choice(len(names), p=weights / weights.sum())]
-                asks = {"stubborn": STUBBORN_ASKS, "conceder": CONCEDER_ASKS}.get(style, (LIST_PRICE,))
-                sellers[t.index] = (style, int(asks[rng.integers(len(asks))]))
+                asks = STYLE_ASKS.get(style)
+                sellers[t.index] = (style, int(asks[rng.integers(len(asks))]) if asks else 0)
             style, ask = sellers[t.index]
             actions.append(_style_action(style, ask, t.env, rng))
         return actions
