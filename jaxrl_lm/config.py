@@ -178,12 +178,14 @@ class TrainConfig:
 class EvalConfig:
     every: int = 0  # steps between evaluations of the policies during training (and at the last step); 0 = off
     task: str = ""  # built-in task to play; "" = the task of data.path task:NAME
-    policies: tuple[str, ...] = ("bc", "ilql")  # policy extractions to evaluate (POLICY_KINDS: bc | ilql | q)
+    policies: tuple[str, ...] = ("bc", "ilql")  # policy extractions (POLICY_KINDS: bc | ilql | q | utterance)
     beta: float = 4.0  # ilql advantage weight
     temperature: float = 0.0  # 0 = greedy
     episodes: int = 0  # evaluation episodes; 0 = every start of the task once
     batch_size: int = 64  # episodes rolled out together
     max_new_tokens: int = 32  # token budget of one action turn
+    candidates: int = 4  # the utterance policy: turns sampled from the LM head, the best by min_k Q is said
+    candidate_temperature: float = 1.0  # the utterance policy's sampling temperature of its candidates
 
 
 # Objective sections: ``register_section(name, settings_class)`` (called by ``jaxrl_lm.rl.objective.register``)
@@ -243,7 +245,7 @@ class Config:
 
 
 # The policy extractions (jaxrl_lm.rl.policy_extraction): the one list, which eval.policies is checked against.
-POLICY_KINDS: tuple[str, ...] = ("bc", "ilql", "q")
+POLICY_KINDS: tuple[str, ...] = ("bc", "ilql", "q", "utterance")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,6 +557,9 @@ def validate_eval(cfg: Config) -> None:
         raise ConfigError(f"eval.policies: {bad or 'empty'}; choose from {', '.join(POLICY_KINDS)}")
     if e.temperature < 0:
         raise ConfigError(f"eval.temperature must be >= 0 (0 = greedy), got {e.temperature}")
+    if e.candidates < 2 or e.candidate_temperature <= 0:
+        raise ConfigError(f"eval.candidates must be >= 2 and eval.candidate_temperature positive (the utterance "
+                          f"policy chooses among sampled turns), got {e.candidates}, {e.candidate_temperature}")
     if e.every and not eval_task(cfg):
         raise ConfigError(f"eval.every is {e.every} but there is no task to play: set eval.task (data.path "
                           f"{cfg.data.path!r} is not a built-in task:NAME)")

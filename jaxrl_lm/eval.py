@@ -151,9 +151,11 @@ def evaluate_training_policies(cfg: Config, params: Params, *, seed: int = 0) ->
     task = eval_task(cfg)
     results = []
     for kind in e.policies:
+        # The utterance policy samples its candidates (eval.candidate_temperature) and picks the best by Q.
+        sampled = dict(best_of=e.candidates, temperature=e.candidate_temperature) if kind == "utterance" else \
+            dict(temperature=e.temperature)
         result = evaluate_params(cfg, params, task, episodes=e.episodes or None, batch_size=e.batch_size,
-                                 kind=kind, beta=e.beta, temperature=e.temperature,
-                                 max_new_tokens=e.max_new_tokens, seed=seed)
+                                 kind=kind, beta=e.beta, max_new_tokens=e.max_new_tokens, seed=seed, **sampled)
         result.pop("records")
         results.append(result)
     return results

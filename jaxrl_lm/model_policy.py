@@ -215,8 +215,9 @@ def load_policy(
     Args:
       source: a run directory (``train.out_dir``) or its ``checkpoints`` directory (the newest complete step,
         or ``step``), or a parameter dict (``cfg`` then required).
-      kind: ``"ilql"``, ``"bc"`` or ``"q"`` (``jaxrl_lm.rl.policy_extraction``); beta, temperature, top_k, top_p: its
-        knobs (temperature 0 = greedy); best_of: candidate turns per step, the best final-token Q wins.
+      kind: ``"ilql"``, ``"bc"``, ``"q"`` or ``"utterance"`` (``jaxrl_lm.rl.policy_extraction``); beta, temperature,
+        top_k, top_p: its knobs (temperature 0 = greedy); best_of: candidate turns per step, the best final-token
+        Q wins (``utterance`` needs ``best_of >= 2`` and a temperature above 0: it chooses among samples).
       max_new_tokens: token budget of one action turn, its EOT included.
       tokenizer: default: ``cfg.data.tokenizer`` for a full ``Config``, the built-in byte tokenizer for a bare
         ``ModelConfig``.
@@ -249,6 +250,9 @@ def load_policy(
     if context_len is None:
         context_len = min(cfg.data.seq_len, model_cfg.max_seq_len) if isinstance(cfg, Config) else \
             model_cfg.max_seq_len
+    if kind == "utterance" and (best_of < 2 or temperature <= 0):
+        raise ValueError(f"load_policy: the utterance policy chooses among sampled turns: it needs best_of >= 2 "
+                         f"and temperature > 0, got best_of={best_of}, temperature={temperature}")
     spec = DecodeSpec(kind=kind, top_k=top_k, max_new_tokens=max_new_tokens, best_of=best_of)
     return ModelPolicy(model_cfg, params, tokenizer, spec=spec, sampling=Sampling.make(beta, temperature, top_p),
                   context_len=context_len, seed=seed, allowed_tokens=allowed_tokens, max_turns=max_turns)

@@ -237,3 +237,65 @@ def test_a_train_step_through_the_engine(tmp_path):
         # (XLA may fuse the copy into another computation of the same update: equal up to float rounding.)
         gap = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), sampler, params)))
         assert (gap < 1e-6) == (i == 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A two-turn chain MDP at the utterance level: the max backup over sampled turns recovers Q*.
+#
+# Turns are two tokens, a word and EOT. At s0 (observation S0), "L" leads to s1 (observation S1, reward 0) and
+# "R" ends the episode with 0.5; at s1, "L" ends with 1 and "R" with 0. gamma 0.9:
+#   Q*(s1, L) = 1, Q*(s1, R) = 0, Q*(s0, L) = 0.9, Q*(s0, R) = 0.5.
+# The data says "R" 80% of the time in both states; the LM head that proposes candidates learns those odds, so
+# the backup at s1 sees "L" only when one of the N samples (or the data's next turn) says it: the sampled max is
+# an approximate max, Q(s0, L) -> gamma (1 - 0.8^(N+1)). N = 2 gives 0.44 (half of Q*); N = 16 gives 0.88.
+
+S0_, S1_, L_, R_, EOT_ = 1, 2, 3, 4, 5
+CHAIN_ROWS, CHAIN_BATCH, CHAIN_STEPS = 4096, 256, 300
+
+
+def chain_data(seed):
+    rng = np.random.default_rng(seed)
+    rows = {k: np.zeros((CHAIN_ROWS, 6), np.int32) for k in ("tokens", "action_mask", "done", "segment_ids",
+                                                               "turn_ids")}
+    rows["reward"] = np.zeros((CHAIN_ROWS, 6), np.float32)
+    for b in range(CHAIN_ROWS):
+        first, second = (R_ if rng.random() < 0.8 else L_), (R_ if rng.random() < 0.8 else L_)
+        if first == R_:
+            tok, act, rew = [S0_, R_, EOT_], [0, 1, 1], [0, 0, 0.5]
+        else:
+            tok, act, rew = [S0_, L_, EOT_, S1_, second, EOT_], [0, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, float(second == L_)]
+        n = len(tok)
+        rows["tokens"][b, :n], rows["action_mask"][b, :n], rows["reward"][b, :n] = tok, act, rew
+        rows["done"][b, n - 1], rows["segment_ids"][b, :n] = 1, 1
+        rows["turn_ids"][b, :n] = [0, 1, 1, 2, 3, 3][:n]
+    return rows
+
+
+@pytest.mark.parametrize("n,expected_s0_l", [(16, 0.9 * (1 - 0.8 ** 17)), (2, 0.9 * (1 - 0.8 ** 3))])
+def test_chain_mdp_max_backup_over_sampled_turns(n, expected_s0_l):
+    cfg = jaxrl_lm.load_config(
+        "configs/base.yaml", model__vocab_size=8, model__d_model=32, model__n_layers=1, model__n_heads=2,
+        model__max_seq_len=8, data__seq_len=6, data__batch_size=CHAIN_BATCH, rl__objective="utterance_q",
+        rl__gamma=0.9, rl__target_ema=0.1, utterance_q__backup="max", utterance_q__cql_alpha=0.01,
+        utterance_q__candidates=n, utterance_q__candidate_tokens=2, utterance_q__max_turns=2,
+        optim__learning_rate=3e-3, optim__schedule="cosine", optim__grad_clip=0.0, train__steps=CHAIN_STEPS)
+    model = jaxrl_lm.models.build(cfg.model, seed=0)
+    graphdef, params = jaxrl_lm.split_model(model)
+    state = jaxrl_lm.train.init_state(cfg, params)
+    update = jaxrl_lm.train.make_update(cfg, graphdef)
+    data = chain_data(0)
+    for step in range(CHAIN_STEPS):
+        lo = (step * CHAIN_BATCH) % CHAIN_ROWS
+        state, metrics = update(state, {k: v[lo:lo + CHAIN_BATCH] for k, v in data.items()})
+    assert float(metrics["decisions_dropped"]) == 0
+    model = nnx.merge(graphdef, jax.device_get(state.params))
+
+    def q(prefix):  # min_k Q(s, u) of u = prefix's last word + EOT
+        tok = np.array([prefix], np.int32)
+        h = model.hidden(tok, np.arange(len(prefix), dtype=np.int32)[None], np.ones_like(tok))[0, -1]
+        return float(jnp.min(model.q_at(h, jnp.int32(EOT_))))
+
+    got = {"s0 L": q([S0_, L_]), "s0 R": q([S0_, R_]), "s1 L": q([S0_, L_, EOT_, S1_, L_]),
+           "s1 R": q([S0_, L_, EOT_, S1_, R_])}
+    np.testing.assert_allclose([got["s0 L"], got["s0 R"], got["s1 L"], got["s1 R"]], [expected_s0_l, 0.5, 1.0, 0.0], atol=0.06,
+                               err_msg=str(got))

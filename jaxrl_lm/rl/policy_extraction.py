@@ -9,6 +9,8 @@ Scores, one per candidate next token ``a`` at hidden state ``h``:
 - ``bc``:   ``log_softmax(LM(h, .))[a]``
 - ``ilql``: ``log_softmax(LM(h, .))[a] + beta * (min_k Q_k(h, a) - V(h))``
 - ``q``:    ``min_k Q_k(h, a)``
+- ``utterance``: ``bc``'s scores; the decoder samples N whole turns with them and says the one whose last token
+  has the highest ``min_k Q_k`` (best-of-N, ``jaxrl_lm.generate``): the utterance-level critic's policy.
 
 Sampling divides the scores by the temperature (so ``q`` samples ``softmax(min_k Q / T)``), keeps the top-k,
 then the top-p nucleus, and draws; temperature 0 takes the argmax of the unfiltered scores.
@@ -34,7 +36,7 @@ def check_kind(kind: str) -> None:
 def needs_heads(kind: str) -> tuple[bool, bool, bool]:
     """Which heads ``policy_scores(kind, ...)`` reads: ``(lm, q, value)``."""
     check_kind(kind)
-    return kind != "q", kind != "bc", kind == "ilql"
+    return kind != "q", kind not in ("bc", "utterance"), kind == "ilql"
 
 
 def policy_scores(
@@ -48,9 +50,9 @@ def policy_scores(
     """Unnormalised log-probabilities of the next token under policy ``kind`` (module docstring).
 
     Args:
-      kind: ``"bc"``, ``"ilql"`` or ``"q"``.
-      lm_logits: ``[..., V]`` float32 (bc, ilql; None for q).
-      q_logits: ``[K, ..., V]`` float32 (ilql, q; None for bc).
+      kind: ``"bc"``, ``"ilql"``, ``"q"`` or ``"utterance"``.
+      lm_logits: ``[..., V]`` float32 (bc, ilql, utterance; None for q).
+      q_logits: ``[K, ..., V]`` float32 (ilql, q; None for bc, utterance).
       value: ``[...]`` float32 (ilql only).
       beta: float32 scalar, the advantage weight of ilql.
       vocab_size: real vocabulary size; ids at or above it score -inf.
@@ -62,7 +64,7 @@ def policy_scores(
     if kind == "q":
         return mask_padded_vocab(jnp.min(q_logits, axis=0), vocab_size)
     log_pi = jax.nn.log_softmax(mask_padded_vocab(lm_logits, vocab_size), axis=-1)
-    if kind == "bc":
+    if kind in ("bc", "utterance"):
         return log_pi
     advantage = jnp.min(q_logits, axis=0) - value[..., None]
     # log_pi is already -inf on padded ids and a finite advantage cannot lift them.
