@@ -12,6 +12,7 @@ import jaxrl_lm
 from jaxrl_lm.batch import trunk_inputs
 from jaxrl_lm.config import RLConfig
 from jaxrl_lm.experiments.run import batches
+from jaxrl_lm.generate import DecodeSpec, Sampling, decode
 from jaxrl_lm.rl import ModelView, TrunkFeed, UtteranceQConfig
 from jaxrl_lm.rl.utterance import turn_slots, turn_transitions
 from jaxrl_lm.rl.utterance_q import (
@@ -299,3 +300,23 @@ def test_chain_mdp_max_backup_over_sampled_turns(n, expected_s0_l):
            "s1 R": q([S0_, L_, EOT_, S1_, R_])}
     np.testing.assert_allclose([got["s0 L"], got["s0 R"], got["s1 L"], got["s1 R"]], [expected_s0_l, 0.5, 1.0, 0.0], atol=0.06,
                                err_msg=str(got))
+
+
+def test_utterance_policy_samples_the_lm_and_keeps_the_best_final_q():
+    """The utterance policy is the LM head's samples ranked by the critic: the decoder's best-of-N over ``bc``
+    proposals (whose ranking tests/test_generate.py checks), never the token-level Q in the proposals."""
+    cfg, model = tiny_model()
+    graphdef, params = jaxrl_lm.split_model(model)
+    prompt = np.array([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]], np.int32)
+    lengths = np.array([3, 5], np.int32)
+    stop, pad = np.array([3], np.int32), jnp.int32(0)
+    outs = {kind: jax.device_get(decode(graphdef, params, prompt, lengths, jax.random.key(2),
+                                        Sampling.make(temperature=1.0), stop, pad,
+                                        spec=DecodeSpec(kind=kind, max_new_tokens=6, best_of=4)))
+            for kind in ("utterance", "bc")}
+    np.testing.assert_array_equal(outs["utterance"].tokens, outs["bc"].tokens)
+    np.testing.assert_allclose(outs["utterance"].score, outs["bc"].score)
+    with pytest.raises(ValueError, match="best_of >= 2"):
+        jaxrl_lm.load_policy(params, "utterance", cfg=cfg, best_of=1)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        jaxrl_lm.load_policy(params, "utterance", cfg=cfg, best_of=4, temperature=0.0)

@@ -2,8 +2,10 @@
 
 Arrays in, arrays out, on the batch layout of ``jaxrl_lm.batch``; every output is ``[B, L]`` and indexed by the
 position ``e`` that *ends* an agent turn ``u`` (its last token, the EOT in the data layout), where the critic
-reads ``Q(s, u)`` after the trunk has read the history and then the whole turn. This is the groundwork of the
-utterance-level critic; token-level Q-learning (``transitions.py``) does not use it.
+reads ``Q(s, u)`` after the trunk has read the history and then the whole turn. The utterance-level critic
+(``utterance_q.py``) reads it; token-level Q-learning (``transitions.py``) does not. Below the transitions: the
+static slots the critic gathers turns and candidate states into, and the layout that appends sampled turns to a
+row so that they share one copy of their history.
 
 - An agent turn is a maximal run of action tokens within one segment; ``turn_end[e]`` marks its last token.
 - Its state ``s`` is read at ``o(u)``, the token just before the turn's first token (the end of the observation
