@@ -47,6 +47,14 @@ PRESETS: dict[str, dict] = {
                                 batch=4, seq_len=256),
     "gpt2_small_full_k2": dict(config="configs/models/gpt2_small.yaml", overrides=["token_q.target_scope=full"],
                                batch=4, seq_len=256),
+    # The utterance-level critic on the tiny preset's batch (4 agent turns of 16 tokens per row): the max backup
+    # samples N = 4 turns of up to 16 tokens at each state and scores them beside the row; expectile samples none.
+    "tiny_utterance_max": dict(config="configs/models/tiny.yaml", overrides=[
+        "rl.objective=utterance_q", "utterance_q.backup=max", "utterance_q.candidates=4",
+        "utterance_q.candidate_tokens=16", "utterance_q.max_turns=5"], batch=8, seq_len=128),
+    "tiny_utterance_expectile": dict(config="configs/models/tiny.yaml", overrides=[
+        "rl.objective=utterance_q", "utterance_q.backup=expectile", "utterance_q.cql_alpha=0",
+        "utterance_q.max_turns=5"], batch=8, seq_len=128),
     # batch 8, a 64-token prompt, 128 new tokens (docs/design.md section 8 compares HF generate at batch 8)
     DECODE_PRESET: dict(config="configs/models/gpt2_small.yaml", overrides=[], batch=8, seq_len=64),
     # per-device state bytes on 8 (forced host) devices for each mesh; abstract: nothing is allocated
@@ -149,7 +157,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
     import numpy as np
 
     import jaxrl_lm
-    from jaxrl_lm.rl import transitions
+    from jaxrl_lm.rl import transitions, turn_slots, turn_transitions
     from jaxrl_lm.train.flops import update_flops
     from jaxrl_lm.train.mesh import place_batch
     from jaxrl_lm.train.sharding import init_sharded_state, setup_parallelism, state_bytes_per_device
@@ -188,7 +196,19 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
     flops = update_flops(cfg, p["batch"], p["seq_len"])
     tokens = p["batch"] * p["seq_len"]
     gb = 1024**3
+    extra = {}
+    if cfg.rl.objective == "utterance_q" and cfg.objective.samples:
+        # Trunk tokens per row: the shared layout's L + C S N against N copies of each state's history
+        # (history up to the state, then the candidate) at every candidate state of the row.
+        u = cfg.objective
+        slots = turn_slots(turn_transitions(batch_np, gamma=0.99), u.max_turns)
+        states = np.asarray(slots.state)[np.asarray(slots.state_used)[:, :]].reshape(p["batch"], -1)
+        extra = {"candidates": u.candidates, "candidate_tokens": u.candidate_tokens, "states_per_row": states.shape[1],
+                 "trunk_tokens_shared": p["seq_len"] + u.candidate_tokens * u.max_turns * u.candidates,
+                 "trunk_tokens_copies": int(p["seq_len"] + u.candidates * np.sum(states[0] + 1 + u.candidate_tokens))}
     return {
+        "objective": cfg.rl.objective,
+        **extra,
         "config": name,
         "device": jax.devices()[0].device_kind,
         "n_devices": jax.device_count(),
@@ -198,7 +218,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
         "seq_len": p["seq_len"],
         "n_q_heads": cfg.model.n_q_heads,
         "target_scope": cfg.token_q.target_scope,
-        "backup": cfg.token_q.backup,
+        "backup": cfg.objective.backup,
         "decision_fraction": round(fraction, 4),
         "compile_s": round(compile_s, 2),
         "step_s": round(step_s, 4),
