@@ -320,3 +320,20 @@ def test_utterance_policy_samples_the_lm_and_keeps_the_best_final_q():
         jaxrl_lm.load_policy(params, "utterance", cfg=cfg, best_of=1)
     with pytest.raises(ValueError, match="temperature > 0"):
         jaxrl_lm.load_policy(params, "utterance", cfg=cfg, best_of=4, temperature=0.0)
+
+
+def test_bad_settings_name_their_key():
+    from jaxrl_lm.config import ConfigError
+    from jaxrl_lm.rl import ParamGroup
+
+    for key, value, field in (("utterance_q__candidates", 0, "utterance_q.candidates"),
+                              ("utterance_q__candidate_temperature", 0.0, "utterance_q.candidate_temperature"),
+                              ("utterance_q__candidate_refresh", -1, "utterance_q.candidate_refresh"),
+                              ("utterance_q__expectile_tau", 1.0, "utterance_q.expectile_tau")):
+        with pytest.raises(ConfigError, match=field):
+            jaxrl_lm.load_config("configs/base.yaml", rl__objective="utterance_q", **{key: value})
+    with pytest.raises(ValueError, match="refresh_every >= 1"):
+        ParamGroup("sampler", "snapshot", ("transformer",))
+    cfg = jaxrl_lm.load_config("configs/base.yaml", rl__objective="utterance_q", utterance_q__candidate_refresh=0)
+    assert [(g.name, g.role) for g in jaxrl_lm.train.state.param_groups(cfg)] == [("target", "ema"),
+                                                                                 ("sampler", "frozen")]
