@@ -44,7 +44,7 @@ def loss_fn(
     groups: Mapping[str, Params],
     batch: Mapping[str, jnp.ndarray],
     denominator: jnp.ndarray,
-    rng: jnp.ndarray,
+    rng: jnp.ndarray | None,
     objective: Objective | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """The objective (default: ``rl.objective``) of one (micro-)batch for the online ``params``; gradients never
@@ -53,7 +53,7 @@ def loss_fn(
     Every group is read as the model with the group's keys swapped in (``ParamGroup``); the online trunk's
     hidden states are computed once here, over what the objective's ``feed`` returns (the batch itself by
     default), with dropout when ``model.dropout > 0``. ``rng`` (a PRNG key) draws the dropout and the feed's
-    randomness.
+    randomness; None evaluates the loss deterministically (no dropout, a fixed key for the feed).
     """
     objective = objective or get_objective(cfg.rl.objective)
     settings = cfg.section(objective.name)
@@ -61,7 +61,10 @@ def loss_fn(
     views = {"online": model_view(model, cfg.model.context)}
     for name, group in groups.items():
         views[name] = model_view(nnx.merge(graphdef, {**params, **jax.lax.stop_gradient(group)}), cfg.model.context)
-    dropout_rng, feed_rng = jax.random.split(rng)
+    if rng is None:  # a deterministic evaluation of the loss: no dropout, a fixed key for the feed's sampling
+        dropout_rng, feed_rng = None, jax.random.key(0)
+    else:
+        dropout_rng, feed_rng = jax.random.split(rng)
     base = TrunkFeed(batch["tokens"], *trunk_inputs(batch, cfg.model.context))
     feed, extras = objective.feed(settings, cfg.rl, batch, base, views, feed_rng, vocab_size=cfg.model.vocab_size)
     hidden = model.hidden(feed.tokens, feed.positions, feed.attention_ids, mask=feed.mask,
