@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxrl_lm.config import ConfigError, ModelConfig, RLConfig
 from jaxrl_lm.rl import losses
 from jaxrl_lm.rl.objective import HeadFlops, ModelView, Objective, ParamGroup, register
-from jaxrl_lm.rl.transitions import monte_carlo_returns, transitions
+from jaxrl_lm.rl.transitions import first_positions, gather_rows, monte_carlo_returns, transitions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,16 +88,6 @@ def count_decisions(batch: Mapping[str, jnp.ndarray], rl: RLConfig) -> jnp.ndarr
     return jnp.sum(tr.decision, dtype=jnp.float32)
 
 
-def _gather(x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
-    """``x [B, L, ...]`` at per-row positions ``index [B, M]`` -> ``[B, M, ...]``."""
-    return jax.vmap(lambda row, i: row[i])(x, index)
-
-
-def _first_positions(mask: jnp.ndarray, capacity: int) -> jnp.ndarray:
-    """Per row, the first ``capacity`` positions where ``mask`` holds, padded with 0. ``[B, L] -> [B, M] int32``."""
-    return jax.vmap(lambda m: jnp.nonzero(m, size=capacity, fill_value=0)[0].astype(jnp.int32))(mask)
-
-
 def bellman_objective(
     q_cfg: TokenQConfig,
     rl: RLConfig,
@@ -133,27 +123,27 @@ def bellman_objective(
         denominator = n_decisions
     capacity = decision_capacity(rl, seq_len)
 
-    slots = _first_positions(tr.decision, capacity)  # [B, M]
+    slots = first_positions(tr.decision, capacity)  # [B, M]
     row_decisions = jnp.sum(tr.decision, axis=-1, dtype=jnp.int32)
     weight = (jnp.arange(capacity)[None, :] < row_decisions[:, None]).astype(jnp.float32)
     n_used = jnp.sum(weight)  # metrics average over the rows that were scored
-    next_slots = _gather(tr.next_index, slots)
+    next_slots = gather_rows(tr.next_index, slots)
     action, reward, done, discount, next_is_decision, next_action = (
-        _gather(x, slots) for x in (tr.action, tr.reward, tr.done, tr.discount, tr.next_is_decision, tr.next_action)
+        gather_rows(x, slots) for x in (tr.action, tr.reward, tr.done, tr.discount, tr.next_is_decision, tr.next_action)
     )
 
-    h = _gather(hidden, slots)  # [B, M, D]
+    h = gather_rows(hidden, slots)  # [B, M, D]
     target_hidden = jax.lax.stop_gradient(target_hidden)
-    target_h = _gather(target_hidden, slots)
+    target_h = gather_rows(target_hidden, slots)
     target_q_taken = jax.lax.stop_gradient(heads.target_q_at(target_h, action))  # [K, B, M]
     value = heads.value(h)  # [B, M]
 
     if q_cfg.backup == "expectile":
-        backup = jax.lax.stop_gradient(heads.value(_gather(jax.lax.stop_gradient(hidden), next_slots)))
+        backup = jax.lax.stop_gradient(heads.value(gather_rows(jax.lax.stop_gradient(hidden), next_slots)))
     elif q_cfg.backup == "mc":  # the return-to-go at n(i), so that y_i below is the return-to-go at i
-        backup = _gather(monte_carlo_returns(tr, batch["segment_ids"]), next_slots)
+        backup = gather_rows(monte_carlo_returns(tr, batch["segment_ids"]), next_slots)
     else:
-        target_next = _gather(target_hidden, next_slots)
+        target_next = gather_rows(target_hidden, next_slots)
         backup = losses.max_backup(heads.target_q_logits(target_next), vocab_size)
         if q_cfg.backup == "sarsa":
             on_policy = jnp.min(heads.target_q_at(target_next, next_action), axis=0)

@@ -34,6 +34,17 @@ class Transitions(NamedTuple):
     next_action: jnp.ndarray
 
 
+def first_positions(mask: jnp.ndarray, capacity: int, fill: int = 0) -> jnp.ndarray:
+    """Per row, the first ``capacity`` positions where ``mask`` holds, padded with ``fill``. ``[B, L] -> [B, M]
+    int32``: the static slots every head gathers its rows into."""
+    return jax.vmap(lambda m: jnp.nonzero(m, size=capacity, fill_value=fill)[0].astype(jnp.int32))(mask)
+
+
+def gather_rows(x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """``x [B, L, ...]`` at per-row positions ``index [B, ...]`` -> ``[B, ..., ...]``."""
+    return jax.vmap(lambda row, i: row[i])(x, index)
+
+
 def shift_left(x: jnp.ndarray, fill) -> jnp.ndarray:
     """``out[..., i] = x[..., i+1]``, with ``fill`` at the last position."""
     return jnp.concatenate([x[..., 1:], jnp.full_like(x[..., :1], fill)], axis=-1)

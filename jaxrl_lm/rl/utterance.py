@@ -24,7 +24,9 @@ from typing import Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxrl_lm.rl.transitions import next_at_or_after, shift_left, segment_last_position
+from jaxrl_lm.rl.transitions import (
+    first_positions, gather_rows, next_at_or_after, segment_last_position, shift_left,
+)
 
 
 class TurnTransitions(NamedTuple):
@@ -124,16 +126,6 @@ class TurnSlots(NamedTuple):
     dropped: jnp.ndarray
 
 
-def _first_positions(mask: jnp.ndarray, capacity: int) -> jnp.ndarray:
-    """Per row, the first ``capacity`` positions where ``mask`` holds, padded with 0. ``[B, L] -> [B, S] int32``."""
-    return jax.vmap(lambda m: jnp.nonzero(m, size=capacity, fill_value=0)[0].astype(jnp.int32))(mask)
-
-
-def gather_rows(x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
-    """``x [B, L, ...]`` at per-row positions ``index [B, ...]`` -> ``[B, ..., ...]``."""
-    return jax.vmap(lambda row, i: row[i])(x, index)
-
-
 def turn_slots(tt: TurnTransitions, capacity: int) -> TurnSlots:
     """Packs the turns of ``tt`` and their candidate states into ``capacity`` slots per row."""
     length = tt.turn_end.shape[-1]
@@ -145,12 +137,12 @@ def turn_slots(tt: TurnTransitions, capacity: int) -> TurnSlots:
     n_turns = jnp.sum(tt.turn_end, axis=-1, dtype=jnp.int32)
     n_states = jnp.sum(is_state, axis=-1, dtype=jnp.int32)
     used = lambda n: jnp.arange(capacity)[None, :] < n[:, None]  # noqa: E731
-    turn_end = _first_positions(tt.turn_end, capacity)
+    turn_end = first_positions(tt.turn_end, capacity)
     clip = lambda s: jnp.clip(s, 0, capacity - 1)  # noqa: E731  a dropped state's slot (counted in `dropped`)
     return TurnSlots(
         turn_end=turn_end,
         turn_used=used(n_turns),
-        state=_first_positions(is_state, capacity),
+        state=first_positions(is_state, capacity),
         state_used=used(n_states),
         turn_state=clip(gather_rows(slot_of, gather_rows(tt.state_index, turn_end))),
         turn_next=clip(gather_rows(slot_of, gather_rows(tt.next_index, turn_end))),

@@ -42,8 +42,9 @@ from jaxrl_lm.config import ConfigError, ModelConfig, RLConfig
 from jaxrl_lm.rl import losses
 from jaxrl_lm.rl.objective import HeadFlops, ModelView, Objective, ParamGroup, TrunkFeed, register
 from jaxrl_lm.rl.token_q import decision_capacity
+from jaxrl_lm.rl.transitions import first_positions, gather_rows
 from jaxrl_lm.rl.utterance import (
-    TurnSlots, candidate_index, candidate_mask, candidate_positions, gather_rows, turn_slots, turn_transitions,
+    TurnSlots, candidate_index, candidate_mask, candidate_positions, turn_slots, turn_transitions,
 )
 
 
@@ -287,7 +288,7 @@ def _bc_loss(rl: RLConfig, batch: Mapping[str, jnp.ndarray], hidden: jnp.ndarray
     acting = acting & (jnp.concatenate([jnp.zeros_like(seg[:, :1]), seg[:, :-1]], axis=-1) == seg)
     capacity = decision_capacity(rl, seg.shape[-1])
     count = jnp.sum(acting, axis=-1, dtype=jnp.int32)
-    positions = jax.vmap(lambda m: jnp.nonzero(m, size=capacity, fill_value=1)[0].astype(jnp.int32))(acting)
+    positions = first_positions(acting, capacity, fill=1)  # padding reads position 0's state
     weight = (jnp.arange(capacity)[None, :] < count[:, None]).astype(jnp.float32)
     logits = online.lm_logits(gather_rows(hidden, positions - 1))  # [B, M, Vp]
     ce = losses.cross_entropy(logits, gather_rows(batch["tokens"], positions), vocab_size)
