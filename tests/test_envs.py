@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from jaxrl_lm import envs
-from jaxrl_lm.envs import base, grid, maze, negotiation, twenty_questions as tq, wordle
+from jaxrl_lm.envs import base, dialogue, grid, maze, negotiation, twenty_questions as tq, wordle
 from script_loader import load_script
 
-TASKS = ["grid", "maze", "maze_po", "wordle", "twenty_questions", "negotiation"]
+TASKS = ["grid", "maze", "maze_po", "wordle", "twenty_questions", "negotiation", "dialogue"]
 GARBAGE = ["", "\n", "   ", "go", "go -1", "go 999", "go 1.5", "move", "move diagonal", "MOVE UP!", "xyzzy",
            "is it a?", "is it a unicorn?", "é\u0000☃", "a" * 500, "crane crane", "12345"]
 
@@ -121,7 +121,7 @@ def test_rollout_rejects_bad_policy_output():
 def test_malformed_actions_never_crash_and_are_penalised(task):
     env = envs.get_task(task).make_env()
     expected = {"maze": maze.INVALID_REWARD, "maze_po": maze.INVALID_REWARD,
-                "negotiation": -negotiation.MALFORMED_PENALTY}.get(task, -1.0)
+                "negotiation": -negotiation.MALFORMED_PENALTY, "dialogue": -dialogue.MALFORMED_PENALTY}.get(task, -1.0)
     for text in GARBAGE:
         env.reset(1)
         observation, reward, done = env.step(text)
