@@ -172,13 +172,17 @@ class TrainConfig:
     keep_checkpoints: int = 3
     keep_best_metric: str = ""  # "" = keep only the newest
     keep_best_mode: Literal["min", "max"] = "min"
+    # A run directory (or its checkpoints/) whose newest online parameters start this run: the trained model and
+    # every frozen or snapshot group (an actor's reference policy) begin there, EMA groups equal to them. A
+    # multi-seed source gives seed i its i-th stacked parameters. "" = a fresh model from train.seed.
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     every: int = 0  # steps between evaluations of the policies during training (and at the last step); 0 = off
     task: str = ""  # built-in task to play; "" = the task of data.path task:NAME
-    policies: tuple[str, ...] = ("bc", "ilql")  # policy extractions (POLICY_KINDS: bc | ilql | q | utterance)
+    policies: tuple[str, ...] = ("bc", "ilql")  # policy extractions (POLICY_KINDS: bc | ilql | q | utterance | actor)
     beta: float = 4.0  # ilql advantage weight
     temperature: float = 0.0  # 0 = greedy
     episodes: int = 0  # evaluation episodes; 0 = every start of the task once
@@ -245,7 +249,7 @@ class Config:
 
 
 # The policy extractions (jaxrl_lm.rl.policy_extraction): the one list, which eval.policies is checked against.
-POLICY_KINDS: tuple[str, ...] = ("bc", "ilql", "q", "utterance")
+POLICY_KINDS: tuple[str, ...] = ("bc", "ilql", "q", "utterance", "actor")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from jaxrl_lm.rl.policy_extraction import check_kind, needs_heads, policy_scores
 class DecodeSpec:
     """The static part of decoding: each distinct spec compiles its own decoder.
 
-    kind: ``"bc"``, ``"ilql"`` or ``"q"`` (``jaxrl_lm.rl.policy_extraction``).
+    kind: one of ``POLICY_KINDS`` (``jaxrl_lm.rl.policy_extraction``).
     top_k: keep the k best tokens before sampling; 0 = off.
     max_new_tokens: token budget of one turn, its stop token included.
     best_of: candidate turns sampled per episode; the highest final-token Q-value wins (module docstring).

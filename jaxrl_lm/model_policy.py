@@ -215,8 +215,8 @@ def load_policy(
     Args:
       source: a run directory (``train.out_dir``) or its ``checkpoints`` directory (the newest complete step,
         or ``step``), or a parameter dict (``cfg`` then required).
-      kind: ``"ilql"``, ``"bc"``, ``"q"`` or ``"utterance"`` (``jaxrl_lm.rl.policy_extraction``); beta, temperature,
-        top_k, top_p: its knobs (temperature 0 = greedy); best_of: candidate turns per step, the best final-token
+      kind: ``"ilql"``, ``"bc"``, ``"q"``, ``"utterance"`` or ``"actor"`` (``jaxrl_lm.rl.policy_extraction``);
+        beta, temperature, top_k, top_p: its knobs (temperature 0 = greedy); best_of: candidate turns per step, the best final-token
         Q wins (``utterance`` needs ``best_of >= 2`` and a temperature above 0: it chooses among samples).
       max_new_tokens: token budget of one action turn, its EOT included.
       tokenizer: default: ``cfg.data.tokenizer`` for a full ``Config``, the built-in byte tokenizer for a bare

@@ -1,6 +1,6 @@
 """Exports a jaxrl_lm checkpoint as a Hugging Face directory (transformers loads it without remote code).
 
-    python scripts/export_hf.py CKPT OUT [--step N] [--params online|ema] [--policy bc|ilql|q] [--beta B]
+    python scripts/export_hf.py CKPT OUT [--step N] [--params online|ema] [--policy bc|actor|ilql|q] [--beta B]
                                 [--temperature T] [--max-shard-size 2GB] [--push-to-hub USER/REPO]
 
 CKPT is a run's train.out_dir (holding checkpoints/) or a checkpoints directory; the newest complete step unless
@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("out", help="output directory for the HF model")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
     p.add_argument("--params", choices=("online", "ema"), default="online", help="online or EMA target parameters")
-    p.add_argument("--policy", choices=("bc", "ilql", "q"), default="bc", help="what the HF LM head computes")
+    p.add_argument("--policy", choices=("bc", "actor", "ilql", "q"), default="bc", help="what the HF LM head computes")
     p.add_argument("--beta", type=float, default=1.0, help="ILQL advantage weight of --policy ilql")
     p.add_argument("--temperature", type=float, default=1.0, help="policy temperature of --policy ilql / q")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size limit (e.g. 500MB, 2GB)")

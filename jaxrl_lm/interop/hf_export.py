@@ -80,7 +80,7 @@ def policy_lm_head(params: Params, cfg: ModelConfig, policy: Literal["ilql", "q"
 
 
 def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, *,
-              tokenizer: Tokenizer | str | Path | None = None, policy: Literal["bc", "ilql", "q"] = "bc",
+              tokenizer: Tokenizer | str | Path | None = None, policy: Literal["bc", "actor", "ilql", "q"] = "bc",
               beta: float = 1.0, temperature: float = 1.0, max_shard_size: int | str = "2GB",
               target_params: Optional[Params] = None, params_source: Literal["online", "ema"] = "online") -> Path:
     """Writes a HF directory of the model and its heads; returns ``out_dir``.
@@ -90,7 +90,8 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, *,
       cfg: its ModelConfig.
       out_dir: created if needed; an earlier export's weight files there are replaced.
       tokenizer: see ``jaxrl_lm.data.save_tokenizer``; None writes no tokenizer.
-      policy: what the HF LM head computes: ``"bc"`` (the LM head itself), ``"ilql"`` or ``"q"`` (merged, exact or
+      policy: what the HF LM head computes: ``"bc"`` or ``"actor"`` (the LM head itself: an actor-critic's LM
+        head is its actor), ``"ilql"`` or ``"q"`` (merged, exact or
         refused: module docstring), with ``beta`` and ``temperature``.
       max_shard_size: ``model.safetensors`` is split into ``model-0000i-of-0000n.safetensors`` shards plus
         ``model.safetensors.index.json`` past this size (bytes, or a string such as ``"2GB"``).
@@ -105,8 +106,8 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, *,
                                  target_params=state.groups["target"])
         model = transformers.AutoModelForCausalLM.from_pretrained(out)    # logits [B, L, vocab_size]
     """
-    if policy not in ("bc", "ilql", "q"):
-        raise ValueError(f"policy must be 'bc', 'ilql' or 'q', got {policy!r}")
+    if policy not in ("bc", "actor", "ilql", "q"):
+        raise ValueError(f"policy must be 'bc', 'actor', 'ilql' or 'q', got {policy!r}")
     from transformers import GenerationConfig  # slow to import; only export needs it
 
     out = Path(out_dir)
@@ -114,7 +115,7 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, *,
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
     tensors = trunk_to_hf(cfg, params)
     tie, original_lm = cfg.tie_embeddings, None
-    if policy != "bc":  # refused here, before anything is written, when the merge is not exact
+    if policy not in ("bc", "actor"):  # refused here, before anything is written, when the merge is not exact
         tensors["lm_head.weight"] = policy_lm_head(params, cfg, policy, beta=beta, temperature=temperature)
         original_lm = None if tie else params["lm_head"]["kernel"]
         tie = False

@@ -66,6 +66,17 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, vocab_size: int) -> 
     return jax.nn.logsumexp(logits, axis=-1) - taken
 
 
+def token_kl(logits: jnp.ndarray, reference_logits: jnp.ndarray, vocab_size: int) -> jnp.ndarray:
+    """KL(pi || pi_ref) of one token's distributions, exact over the unpadded vocabulary:
+    ``sum_a pi(a) (log pi(a) - log pi_ref(a))`` with ``pi = softmax(logits)``. ``[..., V], [..., V] -> [...]``;
+    the gradient reaches ``logits`` only where the caller lets it (``reference_logits`` is usually stopped)."""
+    logp = jax.nn.log_softmax(mask_padded_vocab(logits, vocab_size), axis=-1)
+    logq = jax.nn.log_softmax(mask_padded_vocab(reference_logits, vocab_size), axis=-1)
+    # Padding ids have pi = 0 and -inf logs: where() keeps their 0 * (-inf + inf) out of the sum.
+    terms = jnp.where(jnp.isfinite(logp), jnp.exp(logp) * (logp - logq), 0.0)
+    return jnp.sum(terms, axis=-1)
+
+
 def cql_loss(
     q_logits: jnp.ndarray,
     actions: jnp.ndarray,

@@ -9,6 +9,8 @@ Scores, one per candidate next token ``a`` at hidden state ``h``:
 - ``bc``:   ``log_softmax(LM(h, .))[a]``
 - ``ilql``: ``log_softmax(LM(h, .))[a] + beta * (min_k Q_k(h, a) - V(h))``
 - ``q``:    ``min_k Q_k(h, a)``
+- ``actor``: ``bc``'s scores, read from a model whose LM head an actor-critic trained (``rl.objective: kl_actor``
+  or ``archer``): the actor itself, sampled plainly.
 - ``utterance``: ``bc``'s scores; the decoder samples N whole turns with them and says the one whose last token
   has the highest ``min_k Q_k`` (best-of-N, ``jaxrl_lm.generate``): the utterance-level critic's policy.
 
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 from jaxrl_lm.config import POLICY_KINDS  # the one list of policy kinds (the config validates against it)
 from jaxrl_lm.rl.losses import mask_padded_vocab
 
+LM_ONLY = ("bc", "utterance", "actor")  # the kinds whose next-token scores are the LM head's alone
 
 
 def check_kind(kind: str) -> None:
@@ -36,7 +39,7 @@ def check_kind(kind: str) -> None:
 def needs_heads(kind: str) -> tuple[bool, bool, bool]:
     """Which heads ``policy_scores(kind, ...)`` reads: ``(lm, q, value)``."""
     check_kind(kind)
-    return kind != "q", kind not in ("bc", "utterance"), kind == "ilql"
+    return kind != "q", kind not in LM_ONLY, kind == "ilql"
 
 
 def policy_scores(
@@ -50,9 +53,9 @@ def policy_scores(
     """Unnormalised log-probabilities of the next token under policy ``kind`` (module docstring).
 
     Args:
-      kind: ``"bc"``, ``"ilql"``, ``"q"`` or ``"utterance"``.
-      lm_logits: ``[..., V]`` float32 (bc, ilql, utterance; None for q).
-      q_logits: ``[K, ..., V]`` float32 (ilql, q; None for bc, utterance).
+      kind: one of ``POLICY_KINDS``.
+      lm_logits: ``[..., V]`` float32 (every kind but q; None for q).
+      q_logits: ``[K, ..., V]`` float32 (ilql, q; None for the others).
       value: ``[...]`` float32 (ilql only).
       beta: float32 scalar, the advantage weight of ilql.
       vocab_size: real vocabulary size; ids at or above it score -inf.
@@ -64,7 +67,7 @@ def policy_scores(
     if kind == "q":
         return mask_padded_vocab(jnp.min(q_logits, axis=0), vocab_size)
     log_pi = jax.nn.log_softmax(mask_padded_vocab(lm_logits, vocab_size), axis=-1)
-    if kind in ("bc", "utterance"):
+    if kind in LM_ONLY:
         return log_pi
     advantage = jnp.min(q_logits, axis=0) - value[..., None]
     # log_pi is already -inf on padded ids and a finite advantage cannot lift them.
@@ -91,7 +94,7 @@ def merged_policy_weights(kind: str, lm_weight, q_weight, beta, temperature):
     Plain arithmetic on its arguments: NumPy arrays give NumPy, jax arrays give jax.
 
     Args:
-      kind: ``"bc"``, ``"ilql"`` or ``"q"``.
+      kind: ``"bc"`` (or ``"actor"``: the same LM head), ``"ilql"`` or ``"q"``.
       lm_weight: ``[V, D]`` LM-head rows (``LM(h) = h @ lm_weight.T``); bc, ilql (None for q).
       q_weight: ``[V, D]`` rows of the one linear Q head; ilql, q (None for bc).
       beta: scalar, the advantage weight of ilql.
@@ -101,7 +104,7 @@ def merged_policy_weights(kind: str, lm_weight, q_weight, beta, temperature):
       ``[V, D]``: ``lm_weight / T`` (bc), ``(lm_weight + beta * q_weight) / T`` (ilql), ``q_weight / T`` (q).
     """
     check_kind(kind)
-    if kind == "bc":
+    if kind in ("bc", "actor"):
         return lm_weight / temperature
     if kind == "q":
         return q_weight / temperature

@@ -278,22 +278,30 @@ def utterance_q_loss(cfg: UtteranceQConfig, rl: RLConfig, batch: Mapping[str, jn
     return loss, metrics
 
 
-def _bc_loss(rl: RLConfig, batch: Mapping[str, jnp.ndarray], hidden: jnp.ndarray, online: ModelView,
-             vocab_size: int, denominator: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Sum over the data's agent tokens of -log pi_LM(a | state before it), over the turn count; and the agent
-    tokens that did not fit in ``rl.decision_fraction`` slots (counted, never silently lost)."""
+def agent_token_slots(rl: RLConfig, batch: Mapping[str, jnp.ndarray]
+                      ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """The data's agent tokens in ``M = decision_capacity`` static slots per row: ``(positions [B, M] int32,
+    used [B, M] float32, dropped [] float32)``, ``dropped`` counting the agent tokens that did not fit (never
+    silently lost). An unused slot reads position 1, whose state (position 0) exists in every row."""
     seg = batch["segment_ids"]
     acting = (batch["action_mask"] == 1) & (seg != 0)
     # The token before an agent token is always of its segment (a segment opens with BOS, never an action).
     acting = acting & (jnp.concatenate([jnp.zeros_like(seg[:, :1]), seg[:, :-1]], axis=-1) == seg)
     capacity = decision_capacity(rl, seg.shape[-1])
     count = jnp.sum(acting, axis=-1, dtype=jnp.int32)
-    positions = first_positions(acting, capacity, fill=1)  # padding reads position 0's state
-    weight = (jnp.arange(capacity)[None, :] < count[:, None]).astype(jnp.float32)
+    positions = first_positions(acting, capacity, fill=1)
+    used = (jnp.arange(capacity)[None, :] < count[:, None]).astype(jnp.float32)
+    return positions, used, jnp.sum(jnp.maximum(count - capacity, 0), dtype=jnp.float32)
+
+
+def _bc_loss(rl: RLConfig, batch: Mapping[str, jnp.ndarray], hidden: jnp.ndarray, online: ModelView,
+             vocab_size: int, denominator: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Sum over the data's agent tokens of -log pi_LM(a | state before it), over the turn count; and the agent
+    tokens that did not fit in ``rl.decision_fraction`` slots."""
+    positions, used, dropped = agent_token_slots(rl, batch)
     logits = online.lm_logits(gather_rows(hidden, positions - 1))  # [B, M, Vp]
     ce = losses.cross_entropy(logits, gather_rows(batch["tokens"], positions), vocab_size)
-    return (losses.weighted_mean(ce, weight, denominator),
-            jnp.sum(jnp.maximum(count - capacity, 0), dtype=jnp.float32))
+    return losses.weighted_mean(ce, used, denominator), dropped
 
 
 def count_turns(cfg: UtteranceQConfig, rl: RLConfig, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:

@@ -29,8 +29,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxrl_lm import data, distributed
+from jaxrl_lm.checkpoints import load_params, run_dir
 from jaxrl_lm.config import Config, ConfigError, to_yaml
-from jaxrl_lm.models import model_graphdef
+from jaxrl_lm.models import Params, model_graphdef
 from jaxrl_lm.train import checkpoint
 from jaxrl_lm.train.mesh import place_batch
 from jaxrl_lm.train.sharding import Parallelism, init_sharded_state, setup_parallelism
@@ -160,10 +161,50 @@ def state_layout(cfg: Config, par: Parallelism, seeds: Optional[tuple[int, ...]]
     return sharding, abstract
 
 
+def initial_params(cfg: Config, abstract_params: Params, seeds: Optional[tuple[int, ...]]) -> Params:
+    """The parameters of ``train.init_from`` laid out for this run: one model, or a ``[N, ...]`` stack for
+    ``seeds`` (a multi-seed source gives seed ``i`` its ``i``-th model and must hold the same seeds; a single
+    one is shared by every seed)."""
+    source = cfg.train.init_from
+    _, params, step = load_params(source)
+    params = jax.device_get(params)  # host arrays: the jitted init places them on this run's shardings
+    where = f"train.init_from {source!r} (step {step})"
+    if jax.tree.structure(params) != jax.tree.structure(abstract_params):
+        raise ConfigError(f"{where}: its parameters have the keys {sorted(params)} and another structure than "
+                          f"model: {sorted(abstract_params)}; the model sections must match")
+    stacked = jax.tree.leaves(params)[0].ndim == jax.tree.leaves(abstract_params)[0].ndim + 1
+    final = run_dir(source) / "final_metrics.json"
+    source_seeds = json.loads(final.read_text()).get("seeds") if final.is_file() else None
+    if stacked:
+        count = jax.tree.leaves(params)[0].shape[0]
+        if seeds is None:
+            if source_seeds is None or cfg.train.seed not in source_seeds:
+                raise ConfigError(f"{where} is a stack of {count} seeds {source_seeds or '(unrecorded)'}; this "
+                                  f"one-seed run (train.seed {cfg.train.seed}) cannot tell which to start from")
+            params = jax.tree.map(lambda x: x[source_seeds.index(cfg.train.seed)], params)
+        elif count != len(seeds) or (source_seeds is not None and list(source_seeds) != list(seeds)):
+            raise ConfigError(f"{where} holds the seeds {source_seeds or count}; this run trains {list(seeds)}")
+    elif seeds is not None:
+        params = jax.tree.map(lambda x: np.broadcast_to(x, (len(seeds), *x.shape)), params)
+    lead = () if seeds is None else (len(seeds),)
+    for (path, got), want in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(abstract_params)):
+        if got.shape != lead + tuple(want.shape):
+            raise ConfigError(f"{where}: parameter {jax.tree_util.keystr(path)} has the shape {got.shape}, this "
+                              f"model's is {lead + tuple(want.shape)}; the model sections must match")
+    return params
+
+
 def initial_state(cfg: Config, par: Parallelism, sharding: TrainState, seeds: Optional[tuple[int, ...]]
                   ) -> TrainState:
     """A fresh state on its shardings (no device or host ever holds a whole copy); with ``seeds``, one per seed
-    stacked, seed ``i`` equal to ``init_state(cfg, seed=seeds[i])``."""
+    stacked, seed ``i`` equal to ``init_state(cfg, seed=seeds[i])``. With ``train.init_from`` the parameters
+    (and every frozen group) start from that run's (``initial_params``)."""
+    if cfg.train.init_from:
+        params = initial_params(cfg, par.abstract_state.params, seeds)
+        if seeds is None:
+            return jax.jit(lambda p: init_state(cfg, p), out_shardings=sharding)(params)
+        stacked = jax.vmap(lambda p, seed: init_state(cfg, p, seed=seed))
+        return jax.jit(stacked, out_shardings=sharding)(params, jnp.asarray(seeds, jnp.int32))
     if seeds is None:
         return init_sharded_state(cfg, par)
     stacked = jax.vmap(lambda seed: init_state(cfg, seed=seed))
