@@ -13,6 +13,8 @@ of that config plus the policy extraction that scores it::
 
 ``include: other.yaml`` (relative to the file) starts from another experiment file, whose keys this file's own
 replace: ``include: maze.yaml`` with ``config: ../tasks/maze_po.yaml`` runs the maze's methods on another task.
+A method may start from an earlier method's trained parameters, seed by seed (``init_from: bc``: an actor-critic
+whose actor starts at, and is held near, the cloned policy); that method is trained first when it is not chosen.
 
 All seeds of a method train side by side in one compiled update, through the training loop
 (``jaxrl_lm.experiments.run.run(cfg, seeds=...)``: the update under ``jax.vmap``, every seed reading the same
@@ -23,7 +25,7 @@ directory: ``<method>/`` per method (the loop's run directory: config, metrics, 
 checkpoint, and ``result.json`` with its curves, final scores and training-metric history; a method whose
 ``result.json`` exists is not retrained, and a method trained again starts from an emptied directory),
 ``results.json`` (all of them), ``results.md`` (the table: mean, standard deviation, minimum and maximum over
-seeds, and each seed's score) and ``learning_curves.png``.
+seeds, each seed's score, and an actor's final KL to its reference policy) and ``learning_curves.png``.
 """
 
 from __future__ import annotations
@@ -46,11 +48,14 @@ from jaxrl_lm.train.loop import train
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One line of the table: ``overrides`` of the experiment's config, scored with the ``policy`` extraction."""
+    """One line of the table: ``overrides`` of the experiment's config, scored with the ``policy`` extraction;
+    ``init_from``: an earlier method whose trained parameters (same seed) start this one (``train.init_from``),
+    e.g. an actor held near the behaviour-cloning policy it starts from."""
 
     name: str
     policy: str
     overrides: dict[str, Any]
+    init_from: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +79,17 @@ def load_experiment(path: str | Path, overrides: Optional[Mapping[str, Any]] = N
     seeds = tuple(raw.get("seeds", [0]))
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {raw.get('seeds')!r}")
-    methods = []
+    methods: list[Method] = []
     for name, m in raw["methods"].items():
-        if not isinstance(m, dict) or set(m) - {"policy", "overrides"} or m.get("policy") not in POLICY_KINDS:
+        if not isinstance(m, dict) or set(m) - {"policy", "overrides", "init_from"} \
+                or m.get("policy") not in POLICY_KINDS:
             raise ConfigError(f"{path}: methods.{name} needs policy (one of {list(POLICY_KINDS)}) and optional "
-                              f"overrides")
-        methods.append(Method(name, m["policy"], dict(m.get("overrides") or {})))
+                              f"overrides and init_from")
+        source = m.get("init_from")
+        if source is not None and source not in [earlier.name for earlier in methods]:
+            raise ConfigError(f"{path}: methods.{name}.init_from must name a method listed before it (it is trained "
+                              f"first), got {source!r}")
+        methods.append(Method(name, m["policy"], dict(m.get("overrides") or {}), source))
     return Experiment(name=path.stem, config=raw["config"], seeds=seeds,
                       methods=tuple(methods), overrides=dict(overrides or {}))
 
@@ -105,7 +115,9 @@ def _read_experiment(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def method_config(exp: Experiment, method: Method, out_dir: Path) -> Config:
     """The training config of a method: the experiment's config, the method's overrides, the common overrides,
     then the method's directory and its policy as the one evaluated."""
-    cfg = load_config(exp.config, **_keywords({**method.overrides, **exp.overrides, "eval.policies": [method.policy],
+    start = {"train.init_from": str(out_dir / method.init_from)} if method.init_from else {}
+    cfg = load_config(exp.config, **_keywords({**method.overrides, **exp.overrides, **start,
+                                               "eval.policies": [method.policy],
                                                "train.out_dir": str(out_dir / method.name)}))
     if not cfg.eval.every:
         raise ConfigError(f"{exp.config}: eval.every must be set for an experiment (its learning curves)")
@@ -129,7 +141,9 @@ def train_method(cfg: Config, method: Method, seeds: Sequence[int], progress: bo
           episodes=resolve_episodes(cfg), progress=progress)
     finals = {s: curves[s][-1][1] for s in seeds}
     scores = np.array(list(finals.values()))
-    return {"policy": method.policy, "overrides": method.overrides, "curves": {s: curves[s] for s in seeds},
+    kl = history.arrays().get("kl_to_reference")
+    return {"policy": method.policy, "overrides": method.overrides, "init_from": method.init_from,
+            "final_kl": None if kl is None else float(np.mean(kl[-1])), "curves": {s: curves[s] for s in seeds},
             "final": finals, "mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
             "min": float(scores.min()), "max": float(scores.max()),
             "history": {k: v.tolist() for k, v in history.arrays().items()}}
@@ -150,6 +164,9 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, fresh: bool = False,
     """
     out_dir = Path(out_dir)
     chosen = [m for m in exp.methods if methods is None or m.name in methods]
+    for m in chosen:  # a method's source is trained (or reused) first
+        if m.init_from and m.init_from not in [c.name for c in chosen]:
+            chosen.insert(chosen.index(m), next(e for e in exp.methods if e.name == m.init_from))
     if methods is not None and len(chosen) != len(set(methods)):
         unknown = sorted(set(methods) - {m.name for m in exp.methods})
         raise ConfigError(f"unknown methods {unknown}; the experiment has {[m.name for m in exp.methods]}")

@@ -13,13 +13,17 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 def results_table(results: Mapping[str, Any]) -> str:
-    """Markdown: one row per method, normalised final scores over seeds."""
+    """Markdown: one row per method, normalised final scores over seeds, and an actor's KL to its reference
+    policy (the training metric ``kl_to_reference`` at the last step, nats per turn, mean over seeds)."""
     seeds = results["seeds"]
+    kl = {name: m["final_kl"] for name, m in results["methods"].items() if m.get("final_kl") is not None}
     head = ["method", "policy", "normalised (mean)", "std", "min", "max", *[f"seed {s}" for s in seeds]]
+    head += ["KL to reference (nats/turn)"] if kl else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["methods"].items():
         cells = [name, m["policy"], f"{m['mean']:.1f}", f"{m['std']:.1f}", f"{m['min']:.1f}", f"{m['max']:.1f}"]
         cells += [f"{m['final'][s]:.1f}" for s in seeds]
+        cells += [f"{kl[name]:.2f}" if name in kl else "-"] if kl else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
