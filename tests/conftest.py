@@ -19,3 +19,25 @@ os.environ["XLA_FLAGS"] = " ".join(
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def compile_once(tmp_path_factory):
+    """A persistent XLA cache for one test module: each ``train()`` call jits a fresh closure of the same update,
+    and with the cache the runs of a module compile it once (so that bitwise comparisons between an interrupted
+    and an uninterrupted run test checkpointing alone, not two compiles)."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    compilation_cache.reset_cache()  # an earlier module may have decided "no cache" for this process
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("xla_cache")))
+    yield
+    compilation_cache.reset_cache()
+    for k, v in old.items():
+        jax.config.update(k, v)

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 import jaxrl_lm
 from jaxrl_lm import envs
@@ -178,22 +177,9 @@ def test_bad_actor_settings_name_their_key():
     with pytest.raises(ConfigError, match="archer.kl_coef"):
         small_cfg("archer", archer__kl_coef=-1.0)
     assert ArcherConfig().actor_update == "awr" and KLActorConfig().actor_update == "pg"
-
-
-@pytest.fixture(scope="module")
-def compile_once(tmp_path_factory):
-    """The straight and the interrupted run jit the same update; a persistent cache compiles it once."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    compilation_cache.reset_cache()
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("xla_cache")))
-    yield
-    compilation_cache.reset_cache()
-    for k, v in old.items():
-        jax.config.update(k, v)
+    # Without the KL term there is no prior: no reference group (nor its forward).
+    groups = get_objective("archer").groups(ArcherConfig(kl_coef=0.0, cql_alpha=0.0), RLConfig())
+    assert [g.name for g in groups] == ["target"]
 
 
 def restored(out_dir):

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from jaxrl_lm import envs
@@ -31,22 +30,8 @@ EPISODES = envs.task_dataset(tiny_cfg("unused").data)  # data.path task:grid, as
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compile_once(tmp_path_factory):
-    """Each train() call jits a fresh closure of the same update; a persistent cache compiles it once here.
-
-    The 2N-step and the N-step runs share the executable, so bitwise equality tests checkpointing alone.
-    """
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    compilation_cache.reset_cache()  # an earlier module may have decided "no cache" for this process
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("xla_cache")))
-    yield
-    compilation_cache.reset_cache()
-    for k, v in old.items():
-        jax.config.update(k, v)
+def _compile_once(compile_once):
+    """The 2N-step and the N-step runs share the executable (conftest.py: ``compile_once``)."""
 
 
 class Recorder:

@@ -240,6 +240,11 @@ def test_merged_policy_export_is_exact(tmp_path, family):
     engine = jax.nn.log_softmax(policy_scores("q", None, q, None, beta, cfg.vocab_size) / temperature)
     assert max_diff(jax.nn.log_softmax(torch_logits(out, x)), engine) < TOL
 
+    # An actor-critic's actor is its LM head: exported as the plain causal LM the policy kind samples.
+    out = export_hf(params, cfg, tmp_path / "actor", policy="actor")
+    engine = jax.nn.log_softmax(policy_scores("actor", lm, None, None, beta, cfg.vocab_size))
+    assert max_diff(jax.nn.log_softmax(torch_logits(out, x)), engine) < TOL
+
 
 def test_bias_free_q_head_merges_exactly_after_training_like_updates(tmp_path):
     """model.q_head_bias=false: no out_bias exists, so any (e.g. trained) linear head merges exactly."""

@@ -137,8 +137,11 @@ def train_method(cfg: Config, method: Method, seeds: Sequence[int], progress: bo
         shutil.rmtree(out_dir)
     curves: Curves = {}
     history = History(cfg.train.log_every)
-    train(cfg, seeds=seeds, hooks=[evaluation_hook(cfg, curves, progress=progress), history.hook()],
-          episodes=resolve_episodes(cfg), progress=progress)
+    final = train(cfg, seeds=seeds, hooks=[evaluation_hook(cfg, curves, progress=progress), history.hook()],
+                  episodes=resolve_episodes(cfg), progress=progress)
+    if final["preempted"]:
+        raise RuntimeError(f"method {method.name!r} was stopped by SIGTERM at step {final['step']} of "
+                           f"{cfg.train.steps} (its checkpoint is in {out_dir}); run the experiment again to retrain it")
     finals = {s: curves[s][-1][1] for s in seeds}
     scores = np.array(list(finals.values()))
     kl = history.arrays().get("kl_to_reference")

@@ -1,5 +1,5 @@
 """Actor-critics on the utterance-level critic: the KL-constrained actor of Jaques et al. (2020), ``rl.objective:
-kl_actor``, and ArCHer (Zhou et al. 2024), ``rl.objective: archer`` (docs/design.md, section 10).
+kl_actor``, and ArCHer (Zhou et al. 2024), ``rl.objective: archer`` (docs/design.md, section 9.3).
 
 The critic is ``utterance_q``'s, computed by ``utterance_q_loss`` with the same settings (both settings classes
 extend ``UtteranceQConfig``; the critic's own BC term is off by default, the actor loss trains the LM head). The
@@ -22,7 +22,8 @@ Per agent turn ``u = (a_1 .. a_n)`` at state ``s``, with ``pi`` the actor and ev
 
 Sampling inside the step, rather than from a bank refreshed now and then, keeps the policy gradient on-policy:
 the turns are the actor's own after the previous optimizer step, and the same samples serve the critic's max
-backup and penalty (CHAI's candidates are here the actor's). The KL term's gradient is the exact gradient of the
+backup and penalty (CHAI's candidates are here the actor's). With ``kl_coef: 0`` there is no reference group
+and no reference forward (e.g. ArCHer offline from scratch, whose initial parameters are no prior). The KL term's gradient is the exact gradient of the
 per-token KL at the sampled prefixes (the prefixes' own dependence on pi is not differentiated, as in KL-
 regularised fine-tuning generally). ``kl_coef`` is fixed; the per-turn KL is logged every step
 (``kl_to_reference``) beside the critic's value of the actor's turns (``actor_q``).
@@ -99,15 +100,16 @@ class ArcherConfig(KLActorConfig):
 
 def actor_critic_groups(cfg: KLActorConfig, rl: RLConfig) -> tuple[ParamGroup, ...]:
     """The critic's groups (EMA target Q-heads; a sampler group only for an AWR actor with a lagging sampler)
-    and the frozen reference policy."""
-    return utterance_q_groups(cfg, rl) + (ParamGroup("reference", "frozen", ("transformer", "lm_head")),)
+    and, when the KL term is on, the frozen reference policy."""
+    reference = (ParamGroup("reference", "frozen", ("transformer", "lm_head")),) if cfg.kl_coef > 0 else ()
+    return utterance_q_groups(cfg, rl) + reference
 
 
 def actor_critic_feed(cfg: KLActorConfig, rl: RLConfig, batch: Mapping[str, jnp.ndarray], base: TrunkFeed,
                       views: Mapping[str, ModelView], rng: jax.Array, *, vocab_size: int
                       ) -> tuple[TrunkFeed, dict[str, jnp.ndarray]]:
-    """The row, extended with turns sampled from the actor when the step needs samples, and the reference's
-    trunk states over the same tokens (``reference_hidden [B, T, D]``, no gradient)."""
+    """The row, extended with turns sampled from the actor when the step needs samples, and (with the KL term)
+    the reference's trunk states over the same tokens (``reference_hidden [B, T, D]``, no gradient)."""
     extras: dict[str, jnp.ndarray] = {}
     feed = base
     if cfg.actor_samples:
@@ -118,6 +120,8 @@ def actor_critic_feed(cfg: KLActorConfig, rl: RLConfig, batch: Mapping[str, jnp.
             temperature=cfg.candidate_temperature, vocab_size=vocab_size)
         feed = extended_feed(base, slots, candidates)
         extras = {"candidate_tokens": candidates, "candidate_lengths": lengths}
+    if cfg.kl_coef == 0:
+        return feed, extras
     reference = views["reference"]
     if feed.mask is None:
         reference_hidden = reference.hidden(batch)
@@ -144,29 +148,33 @@ def leave_one_out_mean(x: jnp.ndarray) -> jnp.ndarray:
     return (jnp.sum(x, axis=-1, keepdims=True) - x) / (n - 1)
 
 
-def policy_gradient_terms(logits: jnp.ndarray, reference_logits: jnp.ndarray, tokens: jnp.ndarray,
+def policy_gradient_terms(logits: jnp.ndarray, reference_logits: jnp.ndarray | None, tokens: jnp.ndarray,
                           token_used: jnp.ndarray, advantage: jnp.ndarray, vocab_size: int
                           ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Per sampled turn: ``(-sg(A) sum_t log pi(u_t), sum_t KL_t(pi || pi_ref), sum_t log pi(u_t))``.
 
     ``logits, reference_logits [..., C, V]`` at the prefixes of the turn's ``C`` token slots, ``tokens [..., C]``,
-    ``token_used [..., C]`` (slots inside the turn), ``advantage [...]`` -> three ``[...]`` float32.
+    ``token_used [..., C]`` (slots inside the turn), ``advantage [...]`` -> three ``[...]`` float32. Without
+    ``reference_logits`` (no KL term) the KL is 0.
     """
     used = token_used.astype(jnp.float32)
     logp = jnp.sum(-losses.cross_entropy(logits, tokens, vocab_size) * used, axis=-1)
+    if reference_logits is None:
+        return -jax.lax.stop_gradient(advantage) * logp, jnp.zeros_like(logp), logp
     kl = jnp.sum(losses.token_kl(logits, jax.lax.stop_gradient(reference_logits), vocab_size) * used, axis=-1)
     return -jax.lax.stop_gradient(advantage) * logp, kl, logp
 
 
 def _pg_actor(cfg: KLActorConfig, batch, hidden, views, slots: TurnSlots, length: int, denominator, vocab_size):
     """The policy-gradient actor loss over the turns sampled in the step, and its metrics."""
-    online, target, reference = views["online"], views["target"], views["reference"]
+    online, target = views["online"], views["target"]
     candidates, lengths = batch["candidate_tokens"], batch["candidate_lengths"]
     n, tokens = candidates.shape[-2:]
     prefix = candidate_prefix_index(length, slots, n, tokens)  # [B, S, n, C]
     token_used = jnp.arange(tokens)[None, None, None, :] < lengths[..., None]
     logits = online.lm_logits(gather_rows(hidden, prefix))  # [B, S, n, C, Vp]
-    reference_logits = reference.lm_logits(gather_rows(batch["reference_hidden"], prefix))
+    reference_logits = (views["reference"].lm_logits(gather_rows(batch["reference_hidden"], prefix))
+                        if cfg.kl_coef > 0 else None)
     frozen = jax.lax.stop_gradient(hidden)
     q = jnp.min(jax.lax.stop_gradient(candidate_q(target.q_at, frozen, slots, candidates, lengths)), axis=0)
     if cfg.baseline == "samples":
@@ -180,8 +188,9 @@ def _pg_actor(cfg: KLActorConfig, batch, hidden, views, slots: TurnSlots, length
     loss = losses.weighted_mean(pg + cfg.kl_coef * kl, weight, denominator)
     metrics = {"actor_q": losses.weighted_mean(q, weight, count),
                "advantage_std": jnp.sqrt(losses.weighted_mean(jnp.square(advantage), weight, count)),
-               "kl_to_reference": losses.weighted_mean(jax.lax.stop_gradient(kl), weight, count),
                "actor_logp": losses.weighted_mean(jax.lax.stop_gradient(logp), weight, count)}
+    if cfg.kl_coef > 0:
+        metrics["kl_to_reference"] = losses.weighted_mean(jax.lax.stop_gradient(kl), weight, count)
     return loss, metrics
 
 
@@ -198,7 +207,7 @@ def turn_of_token(batch: Mapping[str, jnp.ndarray], turn_end: jnp.ndarray, state
 
 def _awr_actor(cfg: KLActorConfig, rl: RLConfig, batch, hidden, views, denominator, vocab_size):
     """The advantage-weighted regression actor loss over the data's turns, and its metrics."""
-    online, target, reference = views["online"], views["target"], views["reference"]
+    online, target = views["online"], views["target"]
     tokens = batch["tokens"]
     length = tokens.shape[-1]
     frozen = jax.lax.stop_gradient(hidden[:, :length])
@@ -214,17 +223,21 @@ def _awr_actor(cfg: KLActorConfig, rl: RLConfig, batch, hidden, views, denominat
     slots, used, _ = agent_token_slots(rl, batch)  # dropped tokens are counted by the critic's BC bookkeeping
     used = used * gather_rows(inside.astype(jnp.float32), slots)
     logits = online.lm_logits(gather_rows(hidden, slots - 1))  # [B, M, Vp]
-    reference_logits = jax.lax.stop_gradient(reference.lm_logits(gather_rows(batch["reference_hidden"], slots - 1)))
     ce = losses.cross_entropy(logits, gather_rows(tokens, slots), vocab_size)
-    kl = losses.token_kl(logits, reference_logits, vocab_size)
+    if cfg.kl_coef > 0:
+        reference_logits = views["reference"].lm_logits(gather_rows(batch["reference_hidden"], slots - 1))
+        kl = losses.token_kl(logits, jax.lax.stop_gradient(reference_logits), vocab_size)
+    else:
+        kl = jnp.zeros_like(ce)
     weight = gather_rows(token_weight, slots)
     loss = losses.weighted_mean(weight * ce + cfg.kl_coef * kl, used, denominator)
     n_turns = jnp.maximum(jnp.sum(tt.turn_end, dtype=jnp.float32), 1.0)
     turns = tt.turn_end.astype(jnp.float32)
     metrics = {"actor_q": losses.weighted_mean(jnp.min(target_q, axis=0), turns, n_turns),
                "awr_weight_mean": losses.weighted_mean(turn_weight, turns, n_turns),
-               "kl_to_reference": losses.weighted_mean(jax.lax.stop_gradient(kl), used, n_turns),
                "actor_logp": -losses.weighted_mean(jax.lax.stop_gradient(ce), used, n_turns)}
+    if cfg.kl_coef > 0:
+        metrics["kl_to_reference"] = losses.weighted_mean(jax.lax.stop_gradient(kl), used, n_turns)
     return loss, metrics
 
 
@@ -259,7 +272,7 @@ def actor_critic_head_flops(cfg: KLActorConfig, rl: RLConfig, m: ModelConfig, ba
     else:
         scored = batch_size * seq_len
     fed = seq_len + (cfg.candidate_tokens * cfg.max_turns * cfg.candidates if cfg.actor_samples else 0)
-    reference_forwards = -(-fed // seq_len)
+    reference_forwards = -(-fed // seq_len) if cfg.kl_coef > 0 else 0
     return HeadFlops(trunk_forwards=critic.trunk_forwards + reference_forwards,
                      heads=critic.heads + scored * 2 * D * V * (3 + 1))
 
