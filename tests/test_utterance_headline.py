@@ -1,18 +1,24 @@
-"""The utterance-level claim, reduced to fit CI: on negotiation, the utterance-level critic's policy beats
-behaviour cloning.
+"""The utterance-level claims, reduced to fit CI: on negotiation, the utterance-level critic's policy beats
+behaviour cloning, and so does a KL-constrained actor trained against that critic.
 
-The full experiment (``python scripts/reproduce.py negotiation``: separate runs per method, 3 seeds) is in the
-README. Here one run of ``configs/tasks/negotiation.yaml`` with ``rl.objective: utterance_q``, cut to ``STEPS``
-steps, trains the LM head (plain behaviour cloning, the critic's proposal distribution) beside the critic on the
-same trunk and data; at the end both policies play every buyer once: ``bc`` samples the LM head, ``utterance``
-samples ``eval.candidates`` offers from it and says the one the critic values most. No seller style in the data
-reads the buyer's counteroffers, so only the critic's choice among sampled offers can beat the cloned one, by
-``MARGIN`` normalised points.
+The full experiments (``python scripts/reproduce.py negotiation`` and ``dialogue``: separate runs per method, 3
+seeds) are in the README. Here, through ``scripts/train.py`` in a subprocess (as tests/test_headline.py does, and
+for its reason):
+
+1. one run of ``configs/tasks/negotiation.yaml`` with ``rl.objective: utterance_q`` (expectile), cut to
+   ``STEPS`` steps, trains the LM head (plain behaviour cloning, the critic's proposal distribution) beside the
+   critic on the same trunk and data; at the end both policies play every buyer once: ``bc`` samples the LM head,
+   ``utterance`` samples ``eval.candidates`` offers from it and says the one the critic values most;
+2. a ``kl_actor`` run started from it (``train.init_from``: the cloned head is the actor's start and its frozen
+   reference) trains the LM head for ``ACTOR_STEPS`` steps by policy gradient on its own sampled offers against
+   that critic, with the KL to the reference; its ``actor`` policy (the LM head, sampled) plays every buyer once.
+
+No seller style in the data reads the buyer's counteroffers, so only a critic can lift either policy above the
+cloned one; each must win by ``MARGIN`` normalised points, the actor with a KL to its reference under ``MAX_KL``
+nats per turn.
 
 What this does not show: greedy behaviour cloning replays the data's most common seller (the haggler, 80.8),
-which neither the critic's sampled choice nor token-level ILQL beats in this budget (README, negotiation).
-
-The run goes through ``scripts/train.py`` in a subprocess, as tests/test_headline.py does (and for its reason).
+which neither the critic's sampled choice nor the actor beats in this budget (README, negotiation).
 """
 
 import json
@@ -20,21 +26,48 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from jaxrl_lm.config import REPO_ROOT
 
 STEPS = 300
+ACTOR_STEPS = 150
 MARGIN = 10.0
-BACKUP = "expectile"  # IQL at the utterance level: no samples while training, the cheapest utterance critic
+MAX_KL = 10.0
+CRITIC = ["expectile_tau=0.9", "cql_alpha=0", "max_turns=12"]
 
 
-def test_utterance_critic_beats_behaviour_cloning_on_negotiation(tmp_path):
+def train(*overrides):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     command = [sys.executable, "scripts/train.py", "--config", "configs/tasks/negotiation.yaml", "--no-progress",
-               "rl.objective=utterance_q", f"utterance_q.backup={BACKUP}", "utterance_q.expectile_tau=0.9",
-               "utterance_q.cql_alpha=0", "utterance_q.max_turns=12", f"train.steps={STEPS}",
-               f"eval.every={STEPS}", "eval.policies=[bc,utterance]", f"train.out_dir={tmp_path}"]
+               *overrides]
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    return json.loads((REPO_ROOT / overrides[-1].split("=", 1)[1] / "final_metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def critic_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("critic")
+    final = train("rl.objective=utterance_q", "utterance_q.backup=expectile", *[f"utterance_q.{c}" for c in CRITIC],
+                  f"train.steps={STEPS}", f"eval.every={STEPS}", "eval.policies=[bc,utterance]",
+                  f"train.out_dir={out}")
+    return out, final
+
+
+def test_utterance_critic_beats_behaviour_cloning_on_negotiation(critic_run):
+    _, final = critic_run
     bc, utterance = final["eval/bc/normalized_score"], final["eval/utterance/normalized_score"]
     assert utterance >= bc + MARGIN, f"utterance {utterance:.1f} vs bc {bc:.1f}: the critic should win by {MARGIN}"
+
+
+def test_kl_constrained_actor_beats_the_cloned_policy_it_starts_from(critic_run, tmp_path):
+    source, source_final = critic_run
+    final = train("rl.objective=kl_actor", *[f"kl_actor.{c}" for c in CRITIC], "kl_actor.candidates=4",
+                  "kl_actor.candidate_tokens=6", "kl_actor.kl_coef=0.05", "optim.learning_rate=3.0e-4",
+                  f"train.steps={ACTOR_STEPS}", f"eval.every={ACTOR_STEPS}", "eval.policies=[actor]",
+                  f"train.init_from={source}", f"train.out_dir={tmp_path}")
+    bc, actor, kl = source_final["eval/bc/normalized_score"], final["eval/actor/normalized_score"], \
+        final["kl_to_reference"]
+    assert actor >= bc + MARGIN, f"actor {actor:.1f} vs its reference bc {bc:.1f}: should win by {MARGIN}"
+    assert 0.0 < kl < MAX_KL, f"KL to the reference {kl:.2f} nats per turn"
