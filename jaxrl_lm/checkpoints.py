@@ -28,7 +28,7 @@ from jaxrl_lm.config import Config, from_dict
 from jaxrl_lm.models import Params
 
 CHECKPOINT_SUBDIR = "checkpoints"
-ITEMS = ("state", "data", "config")
+ITEMS = ("state", "data", "config", "replay")  # replay: an online run's buffer contents (absent offline)
 LEGACY_TARGET = "target_params"  # the field that held the EMA target before parameter groups
 
 
@@ -55,7 +55,7 @@ def reader(directory: str | Path) -> ocp.CheckpointManager:
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler()}
+                "config": ocp.JsonCheckpointHandler(), "replay": ocp.StandardCheckpointHandler()}
     return ocp.CheckpointManager(path, item_names=ITEMS, item_handlers=handlers,
                                  options=ocp.CheckpointManagerOptions(read_only=True))
 

@@ -192,6 +192,28 @@ class EvalConfig:
     candidate_temperature: float = 1.0  # the utterance policy's sampling temperature of its candidates
 
 
+@dataclasses.dataclass(frozen=True)
+class OnlineConfig:
+    """Online RL (``jaxrl_lm.experiments.online``): the run collects its own episodes into a replay buffer."""
+
+    enabled: bool = False
+    task: str = ""  # built-in task to play; "" = eval_task (eval.task, else data.path task:NAME)
+    envs: int = 16  # episodes per collection round, stepped together (one batched decode per env step)
+    updates_per_round: int = 16  # optimizer steps between rounds: updates per collected episode = this / envs
+    overlap: bool = True  # collect round r+1 in a background thread during the updates that follow round r
+    capacity: int = 4096  # replay slots (tokenized windows), oldest evicted first
+    recency_half_life: float = 0.0  # 0 = sample the buffer uniformly; else the age (windows) where weight halves
+    offline_fraction: float = 0.0  # share of each batch's episodes drawn from data.path's offline dataset
+    policy: str = "ilql"  # collection policy (POLICY_KINDS)
+    beta: float = 4.0  # ilql advantage weight
+    temperature: float = 1.0  # collection sampling temperature (0 = greedy)
+    best_of: int = 1  # candidates per turn (the utterance policy needs >= 2)
+    epsilon: float = 0.0  # per env step, the probability of a turn sampled from the LM head (T = 1) instead
+    max_new_tokens: int = 32  # token budget of one action turn
+    max_steps: int = 0  # env steps per episode before it is cut (truncated); 0 = the task's evaluation budget
+    seed: int = 0  # env starts, sampling and exploration (combined with train.seed)
+
+
 # Objective sections: ``register_section(name, settings_class)`` (called by ``jaxrl_lm.rl.objective.register``)
 # lets the config hold a top-level section ``name:`` whose keys are the fields of ``settings_class``. A settings
 # class may define ``validate(self, where)`` for its cross-field checks (ConfigErrors naming ``where.field``).
@@ -219,6 +241,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    online: OnlineConfig = OnlineConfig()
     sections: tuple[tuple[str, Any], ...] = ()  # (objective name, its settings), sorted by name
 
     def section(self, name: str) -> Any:
@@ -538,6 +561,7 @@ def validate(cfg: Config) -> None:
             settings.validate(name)
     validate_mesh(cfg.mesh)
     validate_eval(cfg)
+    validate_online(cfg)
 
 
 def eval_task(cfg: Config) -> str:
@@ -567,6 +591,37 @@ def validate_eval(cfg: Config) -> None:
     if e.every and not eval_task(cfg):
         raise ConfigError(f"eval.every is {e.every} but there is no task to play: set eval.task (data.path "
                           f"{cfg.data.path!r} is not a built-in task:NAME)")
+
+
+def validate_online(cfg: Config) -> None:
+    """The ``online`` section (checked whether or not it is enabled: a typo should not wait for the day it is)."""
+    o = cfg.online
+    for key, v in {"online.envs": o.envs, "online.updates_per_round": o.updates_per_round,
+                   "online.capacity": o.capacity, "online.max_new_tokens": o.max_new_tokens,
+                   "online.best_of": o.best_of}.items():
+        if v < 1:
+            raise ConfigError(f"{key} must be positive, got {v}")
+    for key, v in {"online.offline_fraction": o.offline_fraction, "online.epsilon": o.epsilon}.items():
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{key} must lie in [0, 1], got {v}")
+    if o.recency_half_life < 0 or o.temperature < 0 or o.max_steps < 0:
+        raise ConfigError("online.recency_half_life, online.temperature and online.max_steps must be >= 0, got "
+                          f"{o.recency_half_life}, {o.temperature}, {o.max_steps}")
+    if o.policy not in POLICY_KINDS:
+        raise ConfigError(f"online.policy {o.policy!r} is not a policy kind; choose one of {list(POLICY_KINDS)}")
+    if o.policy == "utterance" and (o.best_of < 2 or o.temperature <= 0):
+        raise ConfigError("online.policy utterance chooses among sampled turns: set online.best_of >= 2 and "
+                          "online.temperature > 0")
+    if o.enabled and not (o.task or eval_task(cfg)):
+        raise ConfigError("online.enabled: name the task to play (online.task, eval.task or data.path task:NAME)")
+    if o.enabled and o.offline_fraction > 0 and not cfg.data.path:
+        raise ConfigError(f"online.offline_fraction {o.offline_fraction} mixes in data.path's episodes: set "
+                          f"data.path (or online.offline_fraction: 0)")
+
+
+def online_task(cfg: Config) -> str:
+    """The task the online collector plays: ``online.task``, else the evaluation task."""
+    return cfg.online.task or eval_task(cfg)
 
 
 def validate_mesh(mesh: MeshConfig) -> None:

@@ -4,7 +4,8 @@
 
 ``run(cfg)`` resolves the data (``data.path: task:NAME`` generates a built-in task's offline episodes here, so
 the data pipeline never imports the environments), builds the hooks the config asks for (the evaluation of the
-``eval`` section) and calls the one training loop, ``jaxrl_lm.train.loop.train``. ``train_seeds`` is the same for
+``eval`` section; with ``online.enabled``, the collector's hooks and its replay batches:
+``jaxrl_lm.experiments.online``) and calls the one training loop, ``jaxrl_lm.train.loop.train``. ``train_seeds`` is the same for
 a stack of seeds without files (a notebook's seed study); ``batches`` is the data alone.
 """
 
@@ -23,6 +24,7 @@ from jaxrl_lm import config as config_lib
 from jaxrl_lm import data, envs
 from jaxrl_lm.config import Config, load_config
 from jaxrl_lm.experiments.hooks import evaluation_hook
+from jaxrl_lm.experiments.online import OnlineData
 from jaxrl_lm.models import Params
 from jaxrl_lm.train.loop import Hook, StepContext, check_vocab, train
 from jaxrl_lm.train.seeds import unstack
@@ -51,8 +53,19 @@ def run(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence[H
     if cfg.eval.every and jax.process_count() > 1:
         raise config_lib.ConfigError("eval.every: evaluation during training runs in a single process; set "
                                      "eval.every=0 and evaluate the checkpoints with scripts/evaluate.py")
-    return train(cfg, seeds=seeds, hooks=[*config_hooks(cfg, progress=progress), *hooks],
-                 episodes=resolve_episodes(cfg, episodes), resume=resume, progress=progress)
+    if not cfg.online.enabled:
+        return train(cfg, seeds=seeds, hooks=[*config_hooks(cfg, progress=progress), *hooks],
+                     episodes=resolve_episodes(cfg, episodes), resume=resume, progress=progress)
+    if seeds is not None and len(seeds) > 1:
+        raise config_lib.ConfigError(f"online.enabled: an online run plays its own episodes, so stacked seeds "
+                                     f"{list(seeds)} cannot share batches; train them one after the other")
+    if seeds is not None:  # one seed: the run of that train.seed
+        cfg, seeds = config_lib.replace(cfg, train__seed=int(seeds[0])), None
+    tokenizer = data.load_tokenizer(cfg.data.tokenizer)
+    offline = resolve_episodes(cfg, episodes) if cfg.online.offline_fraction > 0 else None
+    online = OnlineData(cfg, tokenizer, offline_episodes=offline)
+    return train(cfg, seeds=seeds, hooks=[*online.hooks(), *config_hooks(cfg, progress=progress), *hooks],
+                 source=online, resume=resume, progress=progress)
 
 
 def batches(cfg: Config, episodes: Optional[Episodes] = None, *, steps: Optional[int] = None,

@@ -23,9 +23,10 @@ import dataclasses
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
@@ -65,6 +66,7 @@ class Restored:
     state: TrainState
     loader_state: dict[str, Any]
     config: dict[str, Any]
+    loader_arrays: Optional[dict[str, np.ndarray]] = None  # an online run's replay buffer; None offline
 
 
 def _preservation(t: TrainConfig) -> preservation.PreservationPolicy:
@@ -101,8 +103,13 @@ def make_manager(directory: str | Path, t: TrainConfig) -> ocp.CheckpointManager
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, loader_state: Mapping[str, Any],
-         cfg: Config, metrics: Mapping[str, float] | None = None) -> None:
+         cfg: Config, metrics: Mapping[str, float] | None = None,
+         loader_arrays: Optional[Mapping[str, np.ndarray]] = None) -> None:
     """Starts an asynchronous save of ``state`` as step ``step``; returns once the arrays are off the devices.
+
+    ``loader_arrays`` (host arrays: an online run's replay buffer, ``BatchSource.get_arrays``) are saved as the
+    ``replay`` item beside the loader state. One process only: each process's buffer is its own, and Orbax
+    writes host arrays from the primary process alone.
 
     ``step`` is the host's count (``state.step`` may live on devices of other hosts). ``metrics`` (host
     floats) rank checkpoints when ``train.keep_best_metric`` is set, which must name one of them. The state may
@@ -112,13 +119,16 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, loader
     if name and (metrics is None or name not in metrics):
         raise ConfigError(f"train.keep_best_metric: {name!r} is not a metric of this step; "
                           f"known: {sorted(metrics or {})}")
+    items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(loader_state)),
+                 config=ocp.args.JsonSave(cfg.to_dict()))
+    if loader_arrays is not None:
+        if jax.process_count() > 1:
+            raise NotImplementedError("checkpointing a replay buffer with several processes: each process's "
+                                      "buffer would need its own item; run online training in one process")
+        items["replay"] = ocp.args.StandardSave({k: np.asarray(v) for k, v in loader_arrays.items()})
     manager.save(
         step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(dict(loader_state)),
-            config=ocp.args.JsonSave(cfg.to_dict()),
-        ),
+        args=ocp.args.Composite(**items),
         metrics=dict(metrics) if metrics is not None else None,
         force=True,  # the loop decides when to save; Orbax's own interval policy is not used
     )
@@ -168,14 +178,23 @@ def restore(directory: str | Path, target: TrainState | jax.sharding.Sharding, s
             item = {**fields, LEGACY_TARGET: target.groups["target"]}
         else:
             item = target
-        items = r.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(item), data=ocp.args.JsonRestore()))
+        has_replay = _has_item(r, step, "replay")
+        args = dict(state=ocp.args.StandardRestore(item), data=ocp.args.JsonRestore())
+        if has_replay:
+            args["replay"] = ocp.args.StandardRestore()
+        items = r.restore(step, args=ocp.args.Composite(**args))
+    arrays = {k: np.asarray(v) for k, v in items.replay.items()} if has_replay else None
     state = items.state
     if legacy:
         state = TrainState(params=state["params"], groups={"target": state[LEGACY_TARGET]},
                            opt_state=state["opt_state"], step=state["step"], skipped=state["skipped"],
                            rng=state["rng"])
-    return Restored(step=step, state=state, loader_state=items.data, config=saved_config)
+    return Restored(step=step, state=state, loader_state=items.data, config=saved_config, loader_arrays=arrays)
+
+
+def _has_item(r: ocp.CheckpointManager, step: int, name: str) -> bool:
+    """Whether step ``step`` holds item ``name`` (a checkpoint lists its items as subdirectories)."""
+    return (Path(r.directory) / str(step) / name).is_dir()
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

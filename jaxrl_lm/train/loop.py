@@ -20,7 +20,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -125,13 +125,18 @@ HookFn = Callable[[StepContext], Optional[Mapping[str, float]]]
 class Hook:
     """``fn(ctx)`` run on the host after the updates it is due at: every ``every`` steps (0 = none), after the
     last step (``at_end``) and at every step that writes a checkpoint (``at_checkpoints``: e.g. an evaluation
-    that ranks checkpoints). ``fn`` may return host-float metrics: they are logged (TensorBoard, metrics.jsonl)
-    and handed to the checkpoint of that step (``train.keep_best_metric`` may name one)."""
+    that ranks checkpoints); with ``at_start``, also once before the first update of this process's run (a fresh
+    or a resumed one: ``ctx.step`` is the step the run starts after, ``ctx.batch`` and ``ctx.metrics`` empty; e.g.
+    the online collector's first round). ``fn`` may return host-float metrics: they are logged (TensorBoard,
+    metrics.jsonl) and handed to the checkpoint of that step (``train.keep_best_metric`` may name one); the ones
+    named in ``postfix`` are shown on the progress bar too."""
 
     fn: HookFn
     every: int = 0
     at_end: bool = True
     at_checkpoints: bool = False
+    at_start: bool = False
+    postfix: tuple[str, ...] = ()
 
     def due(self, step: int, last: bool) -> bool:
         return bool(self.every and step % self.every == 0) or (self.at_end and last)
@@ -211,9 +216,32 @@ def initial_state(cfg: Config, par: Parallelism, sharding: TrainState, seeds: Op
     return jax.jit(stacked, out_shardings=sharding)(jnp.asarray(seeds, jnp.int32))
 
 
+class BatchSource(Protocol):
+    """Where the loop's batches come from: ``data.Loader`` (offline), or another object with its methods, such
+    as the online collector's replay loader. ``__next__`` gives this process's ``BATCH_FIELDS`` numpy arrays
+    ``[B_local, L]``; ``get_state`` a JSON-able dict, saved in every checkpoint and handed back to ``set_state``
+    on resume. A source that also has ``get_arrays() -> dict[str, np.ndarray]`` (a replay buffer's contents)
+    gets them saved beside it and passed to ``set_state(state, arrays)``."""
+
+    summary: Mapping[str, Any]
+
+    def __next__(self) -> Mapping[str, np.ndarray]: ...
+
+    def get_state(self) -> dict[str, Any]: ...
+
+    def set_state(self, state: Mapping[str, Any], *args: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _source_state(source: BatchSource) -> tuple[dict[str, Any], Optional[dict[str, np.ndarray]]]:
+    state = source.get_state()
+    return state, (source.get_arrays() if hasattr(source, "get_arrays") else None)
+
+
 def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence[Hook] = (),
           episodes: Iterable[Mapping[str, Any]] | None = None, resume: bool = False, progress: bool = True,
-          outputs: bool = True) -> dict:
+          outputs: bool = True, source: Optional[BatchSource] = None) -> dict:
     """Trains up to ``train.steps`` optimizer steps; returns the last logged metrics (host floats).
 
     Args:
@@ -226,6 +254,8 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
       resume: continue from the newest complete checkpoint in ``<train.out_dir>/checkpoints`` (params, groups,
         optimizer state, rng and data position; ``train.steps`` may be raised).
       outputs: False writes nothing (no config, logs or checkpoints; ``resume`` is then unavailable).
+      source: the batches (``BatchSource``), instead of a loader of ``cfg.data`` (``episodes`` must then be
+        None): the online collector's replay loader (``jaxrl_lm.experiments.online``). The loop closes it.
 
     A SIGTERM saves a checkpoint at the next step boundary and returns early with ``preempted: true``. A step
     whose objective reports ``decisions_dropped`` stops the run (raise ``rl.decision_fraction``).
@@ -245,10 +275,13 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
 
+    if source is not None and episodes is not None:
+        raise ValueError("train: give episodes (for a loader of cfg.data) or a batch source, not both")
     tokenizer = data.load_tokenizer(cfg.data.tokenizer)
     check_vocab(cfg, tokenizer)
-    loader = data.make_loader(cfg.data, tokenizer=tokenizer, episodes=episodes,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+    loader = source if source is not None else data.make_loader(
+        cfg.data, tokenizer=tokenizer, episodes=episodes, process_index=jax.process_index(),
+        process_count=jax.process_count())
     par = setup_parallelism(cfg)
     if is_main and progress:
         tqdm.write(par.summary())
@@ -259,7 +292,13 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
         state = initial_state(cfg, par, sharding, seeds)
     else:
         restored = checkpoint.restore(checkpoint.checkpoint_dir(cfg), abstract, start)
-        loader.set_state(restored.loader_state)
+        if restored.loader_arrays is not None:
+            if not hasattr(loader, "get_arrays"):
+                raise ConfigError(f"checkpoint step {start} holds a replay buffer (an online run's): resume it "
+                                  f"with the same online settings (online.enabled)")
+            loader.set_state(restored.loader_state, restored.loader_arrays)
+        else:
+            loader.set_state(restored.loader_state)
         state = restored.state
     update = make_update(cfg, model_graphdef(cfg.model), state_sharding=sharding, batch_sharding=par.batch_sharding,
                          seed_axis=seeds is not None)
@@ -278,8 +317,19 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
     # Decisions that did not fit the head slots, summed on the device over the steps since the last log step:
     # every step is checked, and the host reads the sum only where it reads the metrics anyway.
     dropped_since_log: Optional[jax.Array] = None
+    postfix_names = [name for hook in hooks for name in hook.postfix]
     notice = checkpoint.PreemptionNotice().install()
     try:
+        starting = [h for h in hooks if h.at_start]
+        if starting:
+            ctx = StepContext(cfg=cfg, step=first - 1, last=False, saving=False, state=state, batch={}, metrics={},
+                              seeds=seeds, out_dir=out_dir, is_main=is_main)
+            start_metrics: dict[str, float] = {}
+            for hook in starting:
+                start_metrics.update(hook.fn(ctx) or {})
+            if start_metrics:
+                hooked.update(start_metrics)
+                log.write(first - 1, start_metrics)
         for step in range(first, cfg.train.steps + 1):
             try:
                 batch = next(loader)
@@ -311,8 +361,9 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
                 hooked.update(step_hooked)
                 log.write(step, step_hooked)
             if saving:
-                checkpoint.save(manager, step, state, loader_state=loader.get_state(), cfg=cfg,
-                                metrics={**_host_metrics(metrics)[0], **step_hooked})
+                loader_state, loader_arrays = _source_state(loader)
+                checkpoint.save(manager, step, state, loader_state=loader_state, loader_arrays=loader_arrays,
+                                cfg=cfg, metrics={**_host_metrics(metrics)[0], **step_hooked})
             if preempted:
                 if is_main:
                     where = manager.directory if manager is not None else "(outputs=False: nothing saved)"
@@ -332,6 +383,7 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
             window_start, window_steps, dropped_since_log = time.perf_counter(), 0, None
             log.write(step, last, per_seed)
             postfix = {k: f"{last[k]:.4f}" for k in ("loss", "q_mean") if k in last}
+            postfix.update({k.rsplit("/", 1)[-1]: f"{hooked[k]:.4g}" for k in postfix_names if k in hooked})
             bar.set_postfix(**postfix, tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
     finally:
         bar.close()
