@@ -12,6 +12,10 @@ analysis (arguments, outputs, temporaries, in GB) and the process's peak RSS.
 The ``loader`` line times the data pipeline on the demo config (grid-stitching episodes, packed rows, byte
 tokenizer): ``tokens_per_s`` counts delivered positions, ``real_tokens_per_s`` non-padding ones.
 
+The ``online_overhead`` line runs the training loop on the demo config's batch shape twice in one process, offline
+and online (a trivial environment, 16 episodes of 4 steps per round every 16 updates, collection overlapped):
+updates per second of each, timed over the same steps after warm-up, and their ratio.
+
 The ``decode_gpt2_small`` line times jitted KV-cache decoding (``jaxrl_lm.generate.decode_throughput``) for the
 bc and ilql policies: new tokens per second over the whole batch, prefill included.
 
@@ -35,6 +39,7 @@ import sys
 import time
 
 LOADER_PRESET = "loader"
+ONLINE_PRESET = "online_overhead"
 DECODE_PRESET = "decode_gpt2_small"
 MESH_PRESET = "mesh_bytes_gpt2_small"
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4))
@@ -55,6 +60,9 @@ PRESETS: dict[str, dict] = {
     "tiny_utterance_expectile": dict(config="configs/models/tiny.yaml", overrides=[
         "rl.objective=utterance_q", "utterance_q.backup=expectile", "utterance_q.cql_alpha=0",
         "utterance_q.max_turns=5"], batch=8, seq_len=128),
+    # The training loop's updates per second online (a trivial environment, collection overlapped with the
+    # updates) against offline, on the demo config's batch shape (tiny model, 16 x 128)
+    ONLINE_PRESET: dict(config="configs/demo.yaml", overrides=[], batch=16, seq_len=128),
     # batch 8, a 64-token prompt, 128 new tokens (docs/design.md section 8 compares HF generate at batch 8)
     DECODE_PRESET: dict(config="configs/models/gpt2_small.yaml", overrides=[], batch=8, seq_len=64),
     # per-device state bytes on 8 (forced host) devices for each mesh; abstract: nothing is allocated
@@ -116,6 +124,62 @@ def run_loader(args: argparse.Namespace) -> dict:
         loader.close()
     return {"config": LOADER_PRESET, "data": cfg.data.path, "batch": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
             **{k: round(v, 3) for k, v in figures.items()},
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
+
+
+class TrivialEnv:
+    """An environment that costs nothing: every action is answered "ok" with reward 0 (the benchmark of the online
+    loop's overhead measures the collector and the replay batches, not an environment)."""
+
+    num_instances = 1
+
+    def reset(self, seed: int) -> str:
+        return "start"
+
+    def step(self, action: str) -> tuple[str, float, bool]:
+        return "ok", 0.0, False
+
+
+def say_go(transcripts: list[str]) -> list[str]:
+    return ["go"] * len(transcripts)
+
+
+def run_online(args: argparse.Namespace) -> dict:
+    import jax
+
+    import jaxrl_lm
+    from jaxrl_lm import data, envs
+    from jaxrl_lm.experiments.online import OnlineData
+    from jaxrl_lm.train import loop
+
+    envs.register_task(envs.TaskSpec(name="trivial", make_env=TrivialEnv, behaviour=lambda seed: say_go,
+                                     optimal=lambda: say_go,
+                                     data_steps=4, eval_steps=4, worst_return=0.0), overwrite=True)
+    p = PRESETS[ONLINE_PRESET]
+    steps, warm = 40 + 16 * args.steps, 24
+    cfg = jaxrl_lm.load_config(p["config"], p["overrides"] + args.override + [
+        f"train.steps={steps}", f"train.log_every={steps}", "train.checkpoint_every=0", "online.task=trivial",
+        "online.envs=16", "online.updates_per_round=16", "online.max_steps=4", "online.max_new_tokens=8"])
+
+    def timed(**kw) -> float:
+        marks = {}
+
+        def mark(ctx):
+            if ctx.step in (warm, steps):
+                jax.block_until_ready(ctx.state)
+                marks[ctx.step] = time.perf_counter()
+        loop.train(cfg, hooks=[*kw.pop("hooks", []), loop.Hook(mark, every=1)], progress=False, outputs=False,
+                   **kw)
+        return (steps - warm) / (marks[steps] - marks[warm])
+
+    offline = timed(episodes=envs.task_dataset(cfg.data))
+    online_cfg = jaxrl_lm.config.replace(cfg, online__enabled=True)
+    collector = OnlineData(online_cfg, data.load_tokenizer(cfg.data.tokenizer))
+    online = timed(source=collector, hooks=collector.hooks())
+    return {"config": ONLINE_PRESET, "device": jax.devices()[0].device_kind, "batch": p["batch"],
+            "seq_len": p["seq_len"], "timed_steps": steps - warm, "envs": 16, "updates_per_round": 16,
+            "offline_updates_per_s": round(offline, 2), "online_updates_per_s": round(online, 2),
+            "online_over_offline": round(online / offline, 3),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
 
 
@@ -248,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", help=argparse.SUPPRESS)  # internal: run one preset in this process
     args = ap.parse_args(argv)
     if args.preset:
-        special = {LOADER_PRESET: run_loader, DECODE_PRESET: run_decode, MESH_PRESET: run_mesh_bytes}
+        special = {LOADER_PRESET: run_loader, DECODE_PRESET: run_decode, MESH_PRESET: run_mesh_bytes,
+                   ONLINE_PRESET: run_online}
         run = special.get(args.preset, lambda a: run_preset(args.preset, a))
         print(json.dumps(run(args)), flush=True)
         return

@@ -16,7 +16,10 @@ replace: ``include: maze.yaml`` with ``config: ../tasks/maze_po.yaml`` runs the 
 A method may start from an earlier method's trained parameters, seed by seed (``init_from: bc``: an actor-critic
 whose actor starts at, and is held near, the cloned policy); that method is trained first when it is not chosen.
 
-All seeds of a method train side by side in one compiled update, through the training loop
+A method with ``online.enabled: true`` in its overrides plays its task as it trains
+(``jaxrl_lm.experiments.online``); its seeds train one after the other (each collects its own episodes), in
+``<method>/seed_<s>/``, and its result adds each seed's environment episodes against steps (``env_episodes``).
+Every other method's seeds train side by side in one compiled update, through the training loop
 (``jaxrl_lm.experiments.run.run(cfg, seeds=...)``: the update under ``jax.vmap``, every seed reading the same
 batches, with the loop's checks), and every ``eval.every`` steps and at the end each seed's parameters play the
 task with the method's policy (``jaxrl_lm.experiments.hooks.evaluation_hook``), which gives the learning curves
@@ -39,10 +42,11 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import yaml
 
+from jaxrl_lm import config as config_lib
 from jaxrl_lm.config import POLICY_KINDS, Config, ConfigError, load_config
 from jaxrl_lm.experiments.hooks import Curves, evaluation_hook
 from jaxrl_lm.experiments.plots import plot_curves, results_table
-from jaxrl_lm.experiments.run import History, resolve_episodes
+from jaxrl_lm.experiments.run import History, resolve_episodes, run
 from jaxrl_lm.train.loop import train
 
 
@@ -130,32 +134,58 @@ def _keywords(dotted: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def train_method(cfg: Config, method: Method, seeds: Sequence[int], progress: bool = True) -> dict[str, Any]:
-    """Trains ``seeds`` of one method together in ``train.out_dir`` and evaluates them as they train; the method's
-    result dict."""
+    """Trains ``seeds`` of one method together in ``train.out_dir`` (an online method: one seed after the other,
+    in ``seed_<s>/``) and evaluates them as they train; the method's result dict."""
     out_dir = Path(cfg.train.out_dir)
     if out_dir.exists():  # the harness owns the method's directory: a retrained method starts from nothing
         shutil.rmtree(out_dir)
     curves: Curves = {}
-    history = History(cfg.train.log_every)
-    final = train(cfg, seeds=seeds, hooks=[evaluation_hook(cfg, curves, progress=progress), history.hook()],
-                  episodes=resolve_episodes(cfg), progress=progress)
-    if final["preempted"]:
-        raise RuntimeError(f"method {method.name!r} was stopped by SIGTERM at step {final['step']} of "
-                           f"{cfg.train.steps} (its checkpoint is in {out_dir}); run the experiment again to retrain it")
+    episodes: dict[int, list[tuple[int, float]]] = {}
+    if cfg.online.enabled:
+        histories = []
+        for seed in seeds:
+            seed_cfg = config_lib.replace(cfg, train__seed=seed, train__out_dir=str(out_dir / f"seed_{seed}"))
+            history = History(cfg.train.log_every)
+            final = run(seed_cfg, hooks=[history.hook()], curves=curves, progress=progress)
+            _check_finished(final, method, cfg, out_dir)
+            episodes[seed] = online_episodes(Path(seed_cfg.train.out_dir))
+            histories.append(history.arrays())
+        arrays = {k: np.stack([h[k] for h in histories], axis=-1) for k in histories[0] if k != "step"}
+        arrays["step"] = histories[0]["step"]
+    else:
+        history = History(cfg.train.log_every)
+        final = train(cfg, seeds=seeds, hooks=[evaluation_hook(cfg, curves, progress=progress), history.hook()],
+                      episodes=resolve_episodes(cfg), progress=progress)
+        _check_finished(final, method, cfg, out_dir)
+        arrays = history.arrays()
     finals = {s: curves[s][-1][1] for s in seeds}
     scores = np.array(list(finals.values()))
-    kl = history.arrays().get("kl_to_reference")
+    kl = arrays.get("kl_to_reference")
     return {"policy": method.policy, "overrides": method.overrides, "init_from": method.init_from,
             "final_kl": None if kl is None else float(np.mean(kl[-1])), "curves": {s: curves[s] for s in seeds},
             "final": finals, "mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
             "min": float(scores.min()), "max": float(scores.max()),
-            "history": {k: v.tolist() for k, v in history.arrays().items()}}
+            "history": {k: v.tolist() for k, v in arrays.items()},
+            **({"env_episodes": {s: episodes[s] for s in seeds}} if episodes else {})}
+
+
+def online_episodes(run_dir: Path) -> list[tuple[int, float]]:
+    """``[(step, environment episodes played so far)]`` of an online run, from its ``metrics.jsonl``."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(line["step"], line["online/episodes"]) for line in lines if "online/episodes" in line]
+
+
+def _check_finished(final: Mapping[str, Any], method: Method, cfg: Config, out_dir: Path) -> None:
+    if final["preempted"]:
+        raise RuntimeError(f"method {method.name!r} was stopped by SIGTERM at step {final['step']} of "
+                           f"{cfg.train.steps} (its checkpoint is in {out_dir}); run the experiment again to retrain it")
 
 
 def _json_keys_to_int(result: dict[str, Any]) -> dict[str, Any]:
     """JSON turned the seed keys into strings; make them ints again."""
-    for field in ("curves", "final"):
-        result[field] = {int(k): v for k, v in result[field].items()}
+    for field in ("curves", "final", "env_episodes"):
+        if field in result:
+            result[field] = {int(k): v for k, v in result[field].items()}
     return result
 
 

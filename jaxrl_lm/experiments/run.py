@@ -23,7 +23,7 @@ import numpy as np
 from jaxrl_lm import config as config_lib
 from jaxrl_lm import data, envs
 from jaxrl_lm.config import Config, load_config
-from jaxrl_lm.experiments.hooks import evaluation_hook
+from jaxrl_lm.experiments.hooks import Curves, evaluation_hook
 from jaxrl_lm.experiments.online import OnlineData
 from jaxrl_lm.models import Params
 from jaxrl_lm.train.loop import Hook, StepContext, check_vocab, train
@@ -41,20 +41,22 @@ def resolve_episodes(cfg: Config, episodes: Optional[Episodes] = None) -> Option
     return envs.task_dataset(cfg.data)
 
 
-def config_hooks(cfg: Config, *, progress: bool = True) -> list[Hook]:
-    """The hooks the config asks for: evaluation when ``eval.every`` is set."""
-    return [evaluation_hook(cfg, progress=progress)] if cfg.eval.every else []
+def config_hooks(cfg: Config, *, progress: bool = True, curves: Optional[Curves] = None) -> list[Hook]:
+    """The hooks the config asks for: evaluation when ``eval.every`` is set (filling ``curves`` when given)."""
+    return [evaluation_hook(cfg, curves, progress=progress)] if cfg.eval.every else []
 
 
 def run(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence[Hook] = (),
-        episodes: Optional[Episodes] = None, resume: bool = False, progress: bool = True) -> dict:
+        episodes: Optional[Episodes] = None, resume: bool = False, progress: bool = True,
+        curves: Optional[Curves] = None) -> dict:
     """``train`` with the config's data and evaluation hooks (module docstring), then ``hooks``; returns the
-    final metrics (``final_metrics.json``)."""
+    final metrics (``final_metrics.json``). ``curves`` collects the evaluation's learning curves
+    (``jaxrl_lm.experiments.hooks.evaluation_hook``)."""
     if cfg.eval.every and jax.process_count() > 1:
         raise config_lib.ConfigError("eval.every: evaluation during training runs in a single process; set "
                                      "eval.every=0 and evaluate the checkpoints with scripts/evaluate.py")
     if not cfg.online.enabled:
-        return train(cfg, seeds=seeds, hooks=[*config_hooks(cfg, progress=progress), *hooks],
+        return train(cfg, seeds=seeds, hooks=[*config_hooks(cfg, progress=progress, curves=curves), *hooks],
                      episodes=resolve_episodes(cfg, episodes), resume=resume, progress=progress)
     if seeds is not None and len(seeds) > 1:
         raise config_lib.ConfigError(f"online.enabled: an online run plays its own episodes, so stacked seeds "
@@ -64,8 +66,8 @@ def run(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence[H
     tokenizer = data.load_tokenizer(cfg.data.tokenizer)
     offline = resolve_episodes(cfg, episodes) if cfg.online.offline_fraction > 0 else None
     online = OnlineData(cfg, tokenizer, offline_episodes=offline)
-    return train(cfg, seeds=seeds, hooks=[*online.hooks(), *config_hooks(cfg, progress=progress), *hooks],
-                 source=online, resume=resume, progress=progress)
+    return train(cfg, seeds=seeds, hooks=[*online.hooks(), *config_hooks(cfg, progress=progress, curves=curves),
+                                          *hooks], source=online, resume=resume, progress=progress)
 
 
 def batches(cfg: Config, episodes: Optional[Episodes] = None, *, steps: Optional[int] = None,
