@@ -117,6 +117,18 @@ def test_target_copies_swap_in_by_attribute():
     np.testing.assert_array_equal(v, v_online)
 
 
+def test_learned_positions_past_the_table_read_its_last_row():
+    """A turn sampled inside the update at a full window's last states runs past ``max_seq_len``: its tokens read
+    the table's last row (finite), never jnp.take's NaN fill."""
+    cfg = tiny("gpt2")
+    trunk = build(cfg).transformer
+    tokens = jnp.array([[3, 4, 5]], dtype=jnp.int32)
+    past = trunk.embed(tokens, jnp.array([[cfg.max_seq_len - 1, cfg.max_seq_len, cfg.max_seq_len + 5]]))
+    last = trunk.embed(tokens, jnp.full((1, 3), cfg.max_seq_len - 1))
+    assert np.all(np.isfinite(np.asarray(past)))
+    np.testing.assert_array_equal(np.asarray(past), np.asarray(last))
+
+
 def test_valid_vocab_mask():
     mask = valid_vocab_mask(tiny("gpt2"))
     assert mask.shape == (64,) and int(mask.sum()) == 50 and bool(mask[49]) and not bool(mask[50])

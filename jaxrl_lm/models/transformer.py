@@ -186,8 +186,11 @@ class GPT2Model(Trunk):
         self.ln_f = LayerNorm(cfg.d_model, cfg.norm_eps)
 
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-        # Positions must be < max_seq_len: out-of-range gathers clamp silently in JAX.
-        return self.wte(tokens) + self.wpe(positions)
+        # The table has max_seq_len rows and nnx.Embed's jnp.take fills an out-of-range row with NaN. Data and
+        # prompts never pass it (the config and the decoder check), but a turn sampled inside the update at one of
+        # a full window's last states continues past it (utterance-level candidates, pos(state) + 1 + c): such a
+        # token reads the last row, the one position the table can give it.
+        return self.wte(tokens) + self.wpe(jnp.minimum(positions, self.cfg.max_seq_len - 1))
 
     def rope(self, positions: jax.Array) -> tuple[None, None]:
         return None, None

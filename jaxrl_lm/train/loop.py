@@ -239,6 +239,17 @@ def _source_state(source: BatchSource) -> tuple[dict[str, Any], Optional[dict[st
     return state, (source.get_arrays() if hasattr(source, "get_arrays") else None)
 
 
+def _dropped_hint(cfg: Config) -> str:
+    """Which setting makes room for dropped decisions: the token heads' slots, and for an objective with turn
+    slots (the utterance-level ones), its ``max_turns`` too."""
+    hint = f"raise rl.decision_fraction (now {cfg.rl.decision_fraction})"
+    settings = getattr(cfg, cfg.rl.objective, None)
+    if hasattr(settings, "max_turns"):
+        hint += (f" or {cfg.rl.objective}.max_turns (now {settings.max_turns}; a row's agent turns past it have no "
+                 f"slot)")
+    return hint
+
+
 def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence[Hook] = (),
           episodes: Iterable[Mapping[str, Any]] | None = None, resume: bool = False, progress: bool = True,
           outputs: bool = True, source: Optional[BatchSource] = None) -> dict:
@@ -378,8 +389,8 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
             dropped = float(dropped_since_log) if dropped_since_log is not None else 0.0
             if dropped > 0:
                 raise RuntimeError(
-                    f"steps {step - window_steps + 1}-{step}: {int(dropped)} decision positions did not fit the head "
-                    f"slots of a row; raise rl.decision_fraction (now {cfg.rl.decision_fraction})")
+                    f"steps {step - window_steps + 1}-{step}: {int(dropped)} decisions did not fit the head slots of "
+                    f"a row; {_dropped_hint(cfg)}")
             window_start, window_steps, dropped_since_log = time.perf_counter(), 0, None
             log.write(step, last, per_seed)
             postfix = {k: f"{last[k]:.4f}" for k in ("loss", "q_mean") if k in last}
