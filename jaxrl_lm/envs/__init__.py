@@ -3,8 +3,9 @@
 Built-in tasks (each registered as an env and as a task): ``grid`` (graph stitching), ``maze`` and ``maze_po``
 (LMRL-Gym double-T maze, fully / partially observed), ``wordle``, ``twenty_questions``, ``negotiation`` (selling to
 a scripted buyer, CHAI style), ``dialogue`` (chit-chat rewarded by the sentiment of the user's reply, Jaques et al.
-2020 style; reward hooks in ``jaxrl_lm.envs.rewards``). Plug in an env of your own with :func:`register_env`, and a
-whole task (env + policies + budgets) with :func:`register_task`.
+2020 style; reward hooks in ``jaxrl_lm.envs.rewards``), ``endgames`` (LMRL-Gym chess endgames: mate with K+Q or K+R
+against a Stockfish-defended king). Plug in an env of your own with :func:`register_env`, and a whole task (env +
+policies + budgets) with :func:`register_task`.
 
     from jaxrl_lm import envs
     episodes, stats = envs.make_dataset("maze", episodes=1000, seed=0)
@@ -42,7 +43,9 @@ from jaxrl_lm.envs.tasks import (
 )
 
 # Imported for their registrations.
-from jaxrl_lm.envs import dialogue, grid, maze, negotiation, twenty_questions, wordle  # noqa: E402,F401  isort: skip
+from jaxrl_lm.envs import (  # noqa: E402,F401  isort: skip
+    chess_endgames, dialogue, grid, maze, negotiation, twenty_questions, wordle,
+)
 
 __all__ = [
     "TASK_PREFIX",
