@@ -60,6 +60,11 @@ def test_experiment_runs_every_method_and_seed_and_writes_table_and_plot(tmp_pat
     assert again["methods"]["bc"]["final"] == results["methods"]["bc"]["final"]
     with pytest.raises(ConfigError, match="unknown methods"):
         run_experiment(exp, tmp_path / "out", methods=["nope"])
+    # Choosing a method that starts from another brings its source along (here reused from the run above).
+    spec.write_text(spec.read_text() + "  ft: {policy: ilql, init_from: mc, overrides: {token_q.backup: mc}}\n")
+    exp = load_experiment(spec, {k.replace("__", "."): v for k, v in TINY_GRID.items()})
+    tuned = run_experiment(exp, tmp_path / "out", methods=["ft"], progress=False)
+    assert list(tuned["methods"]) == ["mc", "ft"] and tuned["methods"]["mc"]["final"] == results["methods"]["mc"]["final"]
 
 
 def test_experiment_include_replaces_keys_and_resolves_config_where_named(tmp_path):

@@ -196,13 +196,13 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, fresh: bool = False,
     ``fresh`` retrains methods that already have a result; ``methods`` limits the experiment to those names.
     """
     out_dir = Path(out_dir)
+    unknown = sorted(set(methods or ()) - {m.name for m in exp.methods})
+    if unknown:
+        raise ConfigError(f"unknown methods {unknown}; the experiment has {[m.name for m in exp.methods]}")
     chosen = [m for m in exp.methods if methods is None or m.name in methods]
     for m in chosen:  # a method's source is trained (or reused) first
         if m.init_from and m.init_from not in [c.name for c in chosen]:
             chosen.insert(chosen.index(m), next(e for e in exp.methods if e.name == m.init_from))
-    if methods is not None and len(chosen) != len(set(methods)):
-        unknown = sorted(set(methods) - {m.name for m in exp.methods})
-        raise ConfigError(f"unknown methods {unknown}; the experiment has {[m.name for m in exp.methods]}")
     results: dict[str, Any] = {"experiment": exp.name, "config": str(exp.config), "seeds": list(exp.seeds),
                                "methods": {}}
     for method in chosen:
