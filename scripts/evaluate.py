@@ -5,14 +5,19 @@
 CKPT is a run directory (``train.out_dir``) or its ``checkpoints`` directory; the newest complete step is used
 unless ``--step`` is given. Prints a Markdown table and writes ``<out>/<task>_<policy>_step<S>.md``, ``.json``
 and ``.episodes.jsonl`` (default ``<out>`` = ``<run>/eval``). Normalisation anchors come from ``--stats`` or
-from the dataset the run trained on (``jaxrl_lm.eval.load_task_stats``).
+from the dataset the run trained on (``jaxrl_lm.eval.load_task_stats``). A run of several seeds trained together
+(``--seeds`` / an experiment's method) holds one model per seed: each is evaluated, one row per seed, unless
+``--train-seed`` picks one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+import jax
 
 from jaxrl_lm import envs
 from jaxrl_lm.checkpoints import load_params, run_dir
@@ -40,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step; default: the newest")
     parser.add_argument("--stats", type=Path, default=None, help="task stats JSON (generate_task_data.py)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="of a run of several seeds trained together, evaluate this one; default: each")
     parser.add_argument("--out", type=Path, default=None, help="report directory; default <run>/eval")
     return parser.parse_args(argv)
 
@@ -47,17 +54,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg, params, step = load_params(args.checkpoint, args.step)
-    policy = load_policy(params, args.policy, cfg=cfg, beta=args.beta, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, best_of=args.best_of,
-                         max_new_tokens=args.max_new_tokens, seed=args.seed,
-                         max_turns=args.max_turns or envs.get_task(args.task).context_turns)
+    final = run_dir(args.checkpoint) / "final_metrics.json"
+    seeds = json.loads(final.read_text()).get("seeds") if final.is_file() else None  # None: one model
+    if args.train_seed is not None and args.train_seed not in (seeds or [cfg.train.seed]):
+        raise SystemExit(f"--train-seed {args.train_seed}: the run holds the seeds {seeds or [cfg.train.seed]}")
+    chosen = [s for s in seeds if args.train_seed in (None, s)] if seeds else [None]
     stats = load_task_stats(args.task, cfg, args.stats)
-    result = evaluate_policy(policy, args.task, episodes=args.episodes, task_stats=stats,
-                             batch_size=args.batch_size)
-    result.update(checkpoint=str(args.checkpoint), step=step)
-    md, js = write_report([result], args.out or run_dir(args.checkpoint) / "eval", f"{args.task}_{args.policy}_step{step}")
-    print(markdown_table([result]), end="")
-    print(f"{result['episodes']} episodes in {result['seconds']:.1f} s; wrote {md} and {js}")
+    results = []
+    for seed in chosen:
+        model = params if seed is None else jax.tree.map(lambda x, i=seeds.index(seed): x[i], params)
+        policy = load_policy(model, args.policy, cfg=cfg, beta=args.beta, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, best_of=args.best_of,
+                             max_new_tokens=args.max_new_tokens, seed=args.seed,
+                             max_turns=args.max_turns or envs.get_task(args.task).context_turns)
+        result = evaluate_policy(policy, args.task, episodes=args.episodes, task_stats=stats,
+                                 batch_size=args.batch_size)
+        result.update(checkpoint=str(args.checkpoint), step=step, **({} if seed is None else {"train_seed": seed}))
+        results.append(result)
+    name = f"{args.task}_{args.policy}_step{step}" + ("" if args.train_seed is None else f"_seed{args.train_seed}")
+    md, js = write_report(results, args.out or run_dir(args.checkpoint) / "eval", name)
+    print(markdown_table(results), end="")
+    print(f"{sum(r['episodes'] for r in results)} episodes in {sum(r['seconds'] for r in results):.1f} s; "
+          f"wrote {md} and {js}")
     return 0
 
 

@@ -65,6 +65,15 @@ def test_experiment_runs_every_method_and_seed_and_writes_table_and_plot(tmp_pat
     exp = load_experiment(spec, {k.replace("__", "."): v for k, v in TINY_GRID.items()})
     tuned = run_experiment(exp, tmp_path / "out", methods=["ft"], progress=False)
     assert list(tuned["methods"]) == ["mc", "ft"] and tuned["methods"]["mc"]["final"] == results["methods"]["mc"]["final"]
+    # scripts/evaluate.py on a run of two seeds trained together: one row per seed, or the one --train-seed picks.
+    evaluate = load_script("evaluate").main
+    common = ["--task", "grid", "--policy", "ilql", "--temperature", "0", "--episodes", "6"]
+    assert evaluate([str(tmp_path / "out" / "mc"), *common, "--out", str(tmp_path / "ev")]) == 0
+    both = json.loads(next((tmp_path / "ev").glob("*.json")).read_text())
+    assert [r["train_seed"] for r in both] == [0, 1]
+    assert evaluate([str(tmp_path / "out" / "mc"), *common, "--train-seed", "1", "--out", str(tmp_path / "ev1")]) == 0
+    one = json.loads(next((tmp_path / "ev1").glob("*.json")).read_text())
+    assert len(one) == 1 and one[0]["mean_return"] == both[1]["mean_return"]
 
 
 def test_experiment_include_replaces_keys_and_resolves_config_where_named(tmp_path):
