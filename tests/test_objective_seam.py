@@ -133,7 +133,7 @@ def test_stacked_seeds_stop_on_dropped_decisions_like_a_single_run(tmp_path, epi
     cfg = load_config("configs/demo.yaml", **{**TINY, "train__out_dir": str(tmp_path), "train__steps": 2,
                                               "train__log_every": 1, "rl__decision_fraction": 0.01})
     for seeds in (None, [0, 1]):
-        with pytest.raises(RuntimeError, match="decision positions did not fit the head slots"):
+        with pytest.raises(RuntimeError, match="decisions did not fit the head slots"):
             loop.train(cfg, seeds=seeds, episodes=episodes, progress=False, outputs=False)
 
 
@@ -150,7 +150,7 @@ def test_decisions_dropped_between_log_steps_still_stop_the_run(tmp_path):
     cfg = load_config("configs/demo.yaml", **{**TINY, "train__out_dir": str(tmp_path), "train__steps": 3,
                                               "train__log_every": 3, "data__shuffle": False,
                                               "rl__decision_fraction": 0.25})
-    with pytest.raises(RuntimeError, match="steps 1-3: 120 decision positions did not fit"):
+    with pytest.raises(RuntimeError, match="steps 1-3: 120 decisions did not fit"):
         loop.train(cfg, episodes=long + short, progress=False, outputs=False)
     # The same data with room for every decision trains through.
     roomy = load_config("configs/demo.yaml", **{**TINY, "train__out_dir": str(tmp_path), "train__steps": 3,
