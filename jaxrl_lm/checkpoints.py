@@ -18,6 +18,7 @@ parameters without importing the training code::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -47,6 +48,13 @@ def run_dir(path: str | Path) -> Path:
     """The run directory (``train.out_dir``) of a run's path or of its ``checkpoints`` directory."""
     directory = resolve(path)
     return directory.parent if directory.name == CHECKPOINT_SUBDIR else directory
+
+
+def run_seeds(path: str | Path) -> Optional[list[int]]:
+    """The seeds a run trained side by side (one model each, stacked), from its ``final_metrics.json``; None for
+    a one-model run, or a run that has not finished."""
+    final = run_dir(path) / "final_metrics.json"
+    return json.loads(final.read_text()).get("seeds") if final.is_file() else None
 
 
 def reader(directory: str | Path) -> ocp.CheckpointManager:

@@ -13,14 +13,13 @@ from the dataset the run trained on (``jaxrl_lm.eval.load_task_stats``). A run o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import jax
 
 from jaxrl_lm import envs
-from jaxrl_lm.checkpoints import load_params, run_dir
+from jaxrl_lm.checkpoints import load_params, run_dir, run_seeds
 from jaxrl_lm.config import POLICY_KINDS
 from jaxrl_lm.eval import evaluate_policy, load_task_stats, markdown_table, write_report
 from jaxrl_lm.model_policy import load_policy
@@ -54,8 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg, params, step = load_params(args.checkpoint, args.step)
-    final = run_dir(args.checkpoint) / "final_metrics.json"
-    seeds = json.loads(final.read_text()).get("seeds") if final.is_file() else None  # None: one model
+    seeds = run_seeds(args.checkpoint)  # None: one model
     if args.train_seed is not None and args.train_seed not in (seeds or [cfg.train.seed]):
         raise SystemExit(f"--train-seed {args.train_seed}: the run holds the seeds {seeds or [cfg.train.seed]}")
     chosen = [s for s in seeds if args.train_seed in (None, s)] if seeds else [None]

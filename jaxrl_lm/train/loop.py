@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxrl_lm import data, distributed
-from jaxrl_lm.checkpoints import load_params, run_dir
+from jaxrl_lm.checkpoints import load_params, run_seeds
 from jaxrl_lm.config import Config, ConfigError, to_yaml
 from jaxrl_lm.models import Params, model_graphdef
 from jaxrl_lm.train import checkpoint
@@ -178,8 +178,7 @@ def initial_params(cfg: Config, abstract_params: Params, seeds: Optional[tuple[i
         raise ConfigError(f"{where}: its parameters have the keys {sorted(params)} and another structure than "
                           f"model: {sorted(abstract_params)}; the model sections must match")
     stacked = jax.tree.leaves(params)[0].ndim == jax.tree.leaves(abstract_params)[0].ndim + 1
-    final = run_dir(source) / "final_metrics.json"
-    source_seeds = json.loads(final.read_text()).get("seeds") if final.is_file() else None
+    source_seeds = run_seeds(source)
     if stacked:
         count = jax.tree.leaves(params)[0].shape[0]
         if seeds is None:
@@ -243,10 +242,9 @@ def _dropped_hint(cfg: Config) -> str:
     """Which setting makes room for dropped decisions: the token heads' slots, and for an objective with turn
     slots (the utterance-level ones), its ``max_turns`` too."""
     hint = f"raise rl.decision_fraction (now {cfg.rl.decision_fraction})"
-    settings = getattr(cfg, cfg.rl.objective, None)
-    if hasattr(settings, "max_turns"):
-        hint += (f" or {cfg.rl.objective}.max_turns (now {settings.max_turns}; a row's agent turns past it have no "
-                 f"slot)")
+    if hasattr(cfg.objective, "max_turns"):
+        hint += (f" or {cfg.rl.objective}.max_turns (now {cfg.objective.max_turns}; a row's agent turns past it "
+                 f"have no slot)")
     return hint
 
 
