@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from jaxrl_lm.config import Config, from_dict
 from jaxrl_lm.models import Params
+from jaxrl_lm.models.partition import Partition
 
 CHECKPOINT_SUBDIR = "checkpoints"
 ITEMS = ("state", "data", "config", "replay")  # replay: an online run's buffer contents (absent offline)
@@ -127,7 +128,11 @@ def load_state_params(path: str | Path, step: Optional[int] = None
     groups: Mapping[str, Params] = state.get("groups") or {}
     if LEGACY_TARGET in state:
         groups = {"target": state[LEGACY_TARGET]}
-    return cfg, state["params"], dict(groups), step
+    # Under train.frozen_layers a group holds its keys' trained part; complete them with the frozen trunk bottom
+    # (the trained parameters'), so that every caller may swap a group's keys in whole.
+    part = Partition.of(cfg)
+    whole = {name: {k: part.with_group(state["params"], group)[k] for k in group} for name, group in groups.items()}
+    return cfg, state["params"], whole, step
 
 
 def load_params(path: str | Path, step: Optional[int] = None, *, group: str = "online"

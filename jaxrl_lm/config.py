@@ -176,6 +176,10 @@ class TrainConfig:
     # every frozen or snapshot group (an actor's reference policy) begin there, EMA groups equal to them. A
     # multi-seed source gives seed i its i-th stacked parameters. "" = a fresh model from train.seed.
     init_from: str = ""
+    # The trunk's bottom, frozen: 0 = everything trains; n = the embeddings and blocks 0..n-1 get no gradient, no
+    # optimizer state and no EMA copy (jaxrl_lm.models.partition); -1 = the whole trunk (its final norm too): only
+    # the heads train.
+    frozen_layers: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -556,6 +560,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.checkpoint_every must be >= 0 (0 = only at the end), got {cfg.train.checkpoint_every}")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be at least 1, got {cfg.train.keep_checkpoints}")
+    if not -1 <= cfg.train.frozen_layers <= m.n_layers:
+        raise ConfigError(f"train.frozen_layers must be -1 (the whole trunk), 0 (nothing) or a number of bottom "
+                          f"blocks up to model.n_layers ({m.n_layers}), got {cfg.train.frozen_layers}")
     for name, settings in cfg.sections:
         if hasattr(settings, "validate"):
             settings.validate(name)

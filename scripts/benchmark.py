@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                      # every preset below
     python scripts/benchmark.py --only gpt2_small    # presets whose name starts with this
+    python scripts/benchmark.py --only gpt2_small_heads_k2,gpt2_small_frozen   # several prefixes
 
 Each preset runs in its own subprocess, so ``peak_rss_gb`` is that configuration's own peak. Fields:
 compile_s (lower + compile), step_s (median over timed steps after warm-up), tokens_per_s (batch tokens /
@@ -52,6 +53,11 @@ PRESETS: dict[str, dict] = {
                                 batch=4, seq_len=256),
     "gpt2_small_full_k2": dict(config="configs/models/gpt2_small.yaml", overrides=["token_q.target_scope=full"],
                                batch=4, seq_len=256),
+    # A frozen trunk bottom (train.frozen_layers): the embeddings and 10 of 12 blocks, or the whole trunk
+    "gpt2_small_frozen10_k2": dict(config="configs/models/gpt2_small.yaml", overrides=["train.frozen_layers=10"],
+                                   batch=4, seq_len=256),
+    "gpt2_small_frozen_all_k2": dict(config="configs/models/gpt2_small.yaml", overrides=["train.frozen_layers=-1"],
+                                     batch=4, seq_len=256),
     # The utterance-level critic on the tiny preset's batch (4 agent turns of 16 tokens per row): the max backup
     # samples N = 4 turns of up to 16 tokens at each state and scores them beside the row; expectile samples none.
     "tiny_utterance_max": dict(config="configs/models/tiny.yaml", overrides=[
@@ -282,6 +288,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
         "seq_len": p["seq_len"],
         "n_q_heads": cfg.model.n_q_heads,
         "target_scope": cfg.token_q.target_scope,
+        "frozen_layers": cfg.train.frozen_layers,
         "backup": cfg.objective.backup,
         "decision_fraction": round(fraction, 4),
         "compile_s": round(compile_s, 2),
@@ -303,7 +310,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="", help="run the presets whose name starts with this")
+    ap.add_argument("--only", default="", help="run the presets whose name starts with this (several: a,b,c)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--turn-len", type=int, default=16, help="tokens per observation turn")
@@ -318,8 +325,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run(args)), flush=True)
         return
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    prefixes = tuple(args.only.split(","))
     for name in PRESETS:
-        if not name.startswith(args.only):
+        if not name.startswith(prefixes):
             continue
         env = dict(os.environ)
         if name == MESH_PRESET:

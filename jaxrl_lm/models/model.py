@@ -42,7 +42,8 @@ class QTransformer(nnx.Module):
         self.v_head = VHead(cfg, rngs)
 
     def hidden(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
-               dropout_rng: Optional[jax.Array] = None, mask: Optional[jax.Array] = None) -> jax.Array:
+               dropout_rng: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
+               frozen_layers: int = 0) -> jax.Array:
         """Trunk forward over packed rows. ``[B, L] int32 x3 -> [B, L, D]`` float32 (after the final norm).
 
         Token ``i`` attends to ``j`` iff ``j <= i`` and ``segment_ids[i] == segment_ids[j]``; ``positions``
@@ -53,9 +54,27 @@ class QTransformer(nnx.Module):
         ``mask [B, L, L] bool`` replaces that rule with an explicit one (token ``i`` sees ``j`` iff
         ``mask[i, j]``; every row must see some key): the utterance critic's block layout, where sampled turns
         attend to one copy of their history (``jaxrl_lm.rl.utterance``). ``segment_ids`` are then unused.
+
+        ``frozen_layers`` (``train.frozen_layers``): the embeddings and the first ``n`` blocks (``-1``: the whole
+        trunk) pass no gradient and take no dropout; the values are those of the plain forward.
         """
-        h, _ = self.transformer(tokens, positions, segment_ids, dropout_rng=dropout_rng, mask=mask)
+        h, _ = self.transformer(tokens, positions, segment_ids, dropout_rng=dropout_rng, mask=mask,
+                                frozen_layers=frozen_layers)
         return h
+
+    def trunk_features(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, frozen_layers: int, *,
+                       mask: Optional[jax.Array] = None) -> jax.Array:
+        """A frozen trunk bottom's output, what ``data.feature_cache`` stores: the residual stream after block
+        ``frozen_layers - 1`` (``-1``: the final hidden states). ``[B, L] int32 x3 -> [B, L, D]`` float32."""
+        return self.transformer.features(tokens, positions, segment_ids, frozen_layers, mask=mask)
+
+    def hidden_from_features(self, features: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                             frozen_layers: int, *, dropout_rng: Optional[jax.Array] = None,
+                             mask: Optional[jax.Array] = None) -> jax.Array:
+        """``hidden(..., frozen_layers=n)`` from the frozen bottom's cached output ``features [B, L, D]``: the
+        trained blocks and the final norm only. ``-> [B, L, D]`` float32."""
+        return self.transformer.from_features(features, positions, segment_ids, frozen_layers,
+                                              dropout_rng=dropout_rng, mask=mask)
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for ``batch_size`` rows of at most ``max_len`` tokens, prompt included."""

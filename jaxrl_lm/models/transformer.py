@@ -65,7 +65,7 @@ def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
 
 
 def scan_blocks(blocks: nnx.Module, x: jax.Array, inputs: AttentionInputs, layer_rngs: Optional[jax.Array],
-                kv: Optional[KV], remat: str) -> tuple[jax.Array, Optional[KV]]:
+                kv: Optional[KV], remat: str, frozen_layers: int = 0) -> tuple[jax.Array, Optional[KV]]:
     """Applies the stacked blocks in order.
 
     Args:
@@ -75,6 +75,9 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, inputs: AttentionInputs, layer
       layer_rngs: ``[n_layers]`` dropout keys, or None for a deterministic forward.
       kv: the whole cache's ``(k, v)``, each ``[n_layers, B, S, Nkv, H]``, or None.
       remat: a ``ModelConfig.remat`` name.
+      frozen_layers: without a cache, blocks ``[0, frozen_layers)`` run as their own scan under stop-gradient,
+        without dropout or remat, and their output is cut from the gradient: their backward is never built, so
+        a frozen bottom costs one forward (``train.frozen_layers``).
 
     Returns:
       ``[B, T, D]`` float32 and the updated ``(k, v)`` (None without a cache).
@@ -86,6 +89,13 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, inputs: AttentionInputs, layer
         return nnx.merge(graphdef, layer_params)(x, inputs, rng, None)[0], None
 
     if kv is None:
+        if frozen_layers:
+            below = jax.tree.map(lambda p: jax.lax.stop_gradient(p[:frozen_layers]), params)
+            x = jax.lax.stop_gradient(jax.lax.scan(body, jax.lax.stop_gradient(x), (below, None))[0])
+            params = jax.tree.map(lambda p: p[frozen_layers:], params)
+            layer_rngs = None if layer_rngs is None else layer_rngs[frozen_layers:]
+            if not jax.tree.leaves(params)[0].shape[0]:
+                return x, None
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
         return jax.lax.scan(body, x, (params, layer_rngs))[0], None
@@ -138,8 +148,8 @@ class Trunk(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
                  dropout_rng: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-                 cache_index: Optional[jax.Array] = None, mask: Optional[jax.Array] = None
-                 ) -> tuple[jax.Array, Optional[KVCache]]:
+                 cache_index: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
+                 frozen_layers: int = 0) -> tuple[jax.Array, Optional[KVCache]]:
         """Hidden states after the final norm.
 
         Args:
@@ -150,21 +160,28 @@ class Trunk(nnx.Module):
           mask: ``[B, T, S]`` bool, an explicit attention mask replacing the causal + segment one (``S = T``
             without a cache, the cache length with one); every row must see at least one key. With a cache, the
             ``segment_ids`` are still written beside the new slots.
+          frozen_layers: a training forward's frozen bottom (``train.frozen_layers``, without a cache): ``n > 0``
+            = the embeddings and blocks ``[0, n)`` pass no gradient and take no dropout; ``-1`` = the whole trunk,
+            final norm included. The values are those of the plain forward (without dropout).
 
         Returns:
           ``[B, T, D]`` float32 and the updated cache (None without one).
         """
         cfg = self.cfg
+        if frozen_layers < 0:
+            h, _ = self(tokens, positions, segment_ids, mask=mask)
+            return jax.lax.stop_gradient(h), None
         rng_embed = layer_rngs = None
         if dropout_rng is not None and cfg.dropout > 0:
             rng_embed, rng_layers = jax.random.split(dropout_rng)
             layer_rngs = jax.random.split(rng_layers, cfg.n_layers)
-        x = dropout(self.embed(tokens, positions), cfg.dropout, rng_embed)
+        x = self.embed(tokens, positions)
+        x = jax.lax.stop_gradient(x) if frozen_layers else dropout(x, cfg.dropout, rng_embed)
         cos, sin = self.rope(positions)
         if cache is None:
             inputs = AttentionInputs(attention_mask(segment_ids, segment_ids, 0) if mask is None else mask[:, None],
                                      cos, sin)
-            x, _ = scan_blocks(self.blocks, x, inputs, layer_rngs, None, cfg.remat)
+            x, _ = scan_blocks(self.blocks, x, inputs, layer_rngs, None, cfg.remat, frozen_layers)
             return self.final_norm(x), None
         cache_index = jnp.asarray(cache_index, jnp.int32)
         kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache_index))
@@ -173,6 +190,41 @@ class Trunk(nnx.Module):
         inputs = AttentionInputs(mask[:, None], cos, sin, cache_index)
         x, (k, v) = scan_blocks(self.blocks, x, inputs, layer_rngs, (cache.k, cache.v), cfg.remat)
         return self.final_norm(x), KVCache(k, v, kv_segment_ids)
+
+
+    def features(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, frozen_layers: int, *,
+                 mask: Optional[jax.Array] = None) -> jax.Array:
+        """What a frozen bottom hands to the blocks above it (the cached trunk features, ``train.frozen_layers``):
+        the residual stream after block ``frozen_layers - 1``, or with ``-1`` the hidden states after the final
+        norm. Deterministic. ``[B, T] int32 x3 -> [B, T, D]`` float32."""
+        if frozen_layers < 0:
+            return self(tokens, positions, segment_ids, mask=mask)[0]
+        x = self.embed(tokens, positions)
+        inputs = AttentionInputs(attention_mask(segment_ids, segment_ids, 0) if mask is None else mask[:, None],
+                                 *self.rope(positions))
+        graphdef, params = nnx.split(self.blocks)
+        below = nnx.merge(graphdef, jax.tree.map(lambda p: p[:frozen_layers], params))
+        return scan_blocks(below, x, inputs, None, None, "none")[0]
+
+    def from_features(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, frozen_layers: int, *,
+                      dropout_rng: Optional[jax.Array] = None, mask: Optional[jax.Array] = None) -> jax.Array:
+        """The rest of the forward from ``features(...)`` ``x [B, T, D]``: blocks ``frozen_layers..`` and the
+        final norm (nothing with ``-1``), with dropout iff ``dropout_rng`` is given. Equals ``self(...)`` with
+        ``frozen_layers``. ``-> [B, T, D]`` float32."""
+        x = jax.lax.stop_gradient(x)
+        if frozen_layers < 0:
+            return x
+        cfg = self.cfg
+        layer_rngs = None
+        if dropout_rng is not None and cfg.dropout > 0:
+            layer_rngs = jax.random.split(jax.random.split(dropout_rng)[1], cfg.n_layers)[frozen_layers:]
+        inputs = AttentionInputs(attention_mask(segment_ids, segment_ids, 0) if mask is None else mask[:, None],
+                                 *self.rope(positions))
+        if frozen_layers < cfg.n_layers:
+            graphdef, params = nnx.split(self.blocks)
+            above = nnx.merge(graphdef, jax.tree.map(lambda p: p[frozen_layers:], params))
+            x, _ = scan_blocks(above, x, inputs, layer_rngs, None, cfg.remat)
+        return self.final_norm(x)
 
 
 class GPT2Model(Trunk):

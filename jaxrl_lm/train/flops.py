@@ -1,7 +1,8 @@
 """Model FLOPs of one update, from the architecture (XLA's cost analysis counts a scanned layer body once).
 
 Counting rule: a matmul of ``[m, k] x [k, n]`` is ``2 m k n`` FLOPs; a trained forward costs 1x and its
-backward 2x (so 3x), a forward under stop-gradient 1x. Elementwise work, norms and softmaxes are not counted.
+backward 2x (so 3x), a forward under stop-gradient 1x (a frozen trunk bottom, ``train.frozen_layers``: its
+blocks are never differentiated). Elementwise work, norms and softmaxes are not counted.
 
 Per token of the batch (``T = B * L`` tokens), with ``D`` the width, ``F`` the MLP width, ``V`` the padded
 vocabulary, ``H``/``Hkv`` query/key-value heads of size ``d``, ``n`` layers and ``L`` the row length:
@@ -47,5 +48,9 @@ def update_flops(cfg: Config, batch_size: int, seq_len: int) -> UpdateFlops:
     tokens = batch_size * seq_len
     objective = get_objective(cfg.rl.objective)
     extra = objective.head_flops(cfg.objective, cfg.rl, cfg.model, batch_size, seq_len)
-    trunk = (3 + extra.trunk_forwards) * trunk_flops_per_token(cfg, seq_len) * tokens
+    # A frozen bottom (train.frozen_layers) runs forward only: 1x instead of 3x per frozen block.
+    n = cfg.model.n_layers
+    frozen = n if cfg.train.frozen_layers < 0 else cfg.train.frozen_layers
+    per_layer = trunk_flops_per_token(cfg, seq_len) / n
+    trunk = (3 * (n - frozen) + frozen + extra.trunk_forwards * n) * per_layer * tokens
     return UpdateFlops(trunk=trunk, heads=extra.heads, per_token=(trunk + extra.heads) / tokens)

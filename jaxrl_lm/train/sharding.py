@@ -35,6 +35,7 @@ from jaxrl_lm import models
 from jaxrl_lm.config import Config, ConfigError, ModelConfig, ShardingRule
 from jaxrl_lm.train.mesh import batch_sharding, check_batch_size, make_mesh
 from jaxrl_lm.models import Params
+from jaxrl_lm.models.partition import Partition
 from jaxrl_lm.train.state import TrainState, abstract_train_state, init_state, make_optimizer
 
 WEIGHT_AXES = ("fsdp", "tensor")  # the axes parameters are meant to be split over; data keeps whole copies
@@ -228,9 +229,12 @@ def shardings_from_specs(cfg: Config, mesh: Mesh, specs: Params, abstract_state:
                           "same config")
     named = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt = optax.tree_map_params(make_optimizer(cfg), lambda _, s: s, abstract_state.opt_state, named,
+    # The optimizer and the groups hold the trained part (a frozen trunk bottom's stacked blocks are sliced along
+    # their replicated layer axis, so a slice keeps its parameter's sharding).
+    trained = Partition.of(cfg).trained(named, take=lambda leaf, rows: leaf)
+    opt = optax.tree_map_params(make_optimizer(cfg), lambda _, s: s, abstract_state.opt_state, trained,
                                 transform_non_params=lambda _: replicated)
-    groups = {name: {k: named[k] for k in group} for name, group in abstract_state.groups.items()}
+    groups = {name: {k: trained[k] for k in group} for name, group in abstract_state.groups.items()}
     return TrainState(params=named, groups=groups, opt_state=opt, step=replicated, skipped=replicated, rng=replicated)
 
 

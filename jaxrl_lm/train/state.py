@@ -9,6 +9,10 @@ the others by name, each declared by the objective (``jaxrl_lm.rl.ParamGroup``):
 trained parameters after every optimizer step (the target heads of Q-learning: ``groups["target"]``), a
 ``frozen`` group is set once and never updated (a reference policy). A group holds some of the model's top-level
 keys; the objective reads it as the model with those keys swapped in.
+
+A frozen trunk bottom (``train.frozen_layers``, ``jaxrl_lm.models.partition``): ``params`` is still the whole
+model, but the optimizer state and every group hold only the trained part (the frozen bottom has no moments and
+no second copy); a group's view reads the frozen bottom from ``params``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from flax import struct
 from jaxrl_lm import models
 from jaxrl_lm.config import Config, OptimConfig
 from jaxrl_lm.models import Params
+from jaxrl_lm.models.partition import Partition
 from jaxrl_lm.rl import ParamGroup, get_objective
 
 
@@ -93,7 +98,9 @@ def init_state(cfg: Config, params: Params | None = None, seed: int | jax.Array 
         checkpoint), each holding the group's keys; a group not given starts as a copy of ``params``.
 
     ``ema`` groups start equal to the online parameters (as separate buffers); ``step`` and ``skipped`` are
-    int32 scalars at 0, ``rng`` is ``[2] uint32`` key data. Example::
+    int32 scalars at 0, ``rng`` is ``[2] uint32`` key data. With ``train.frozen_layers`` the optimizer state and
+    the groups cover only the trained part (``Partition``; a given group's frozen bottom is not kept: every view
+    reads it from ``params``). Example::
 
         state = jaxrl_lm.init_state(cfg)                  # a new model, as scripts/train.py starts one
         state = jaxrl_lm.init_state(cfg, params, seed=3)  # given parameters, dropout key from seed 3
@@ -107,19 +114,21 @@ def init_state(cfg: Config, params: Params | None = None, seed: int | jax.Array 
     if unknown:
         raise ValueError(f"init_state: groups {sorted(unknown)} are not frozen groups of objective "
                          f"{cfg.rl.objective!r} (it declares {[(g.name, g.role) for g in declared]})")
+    part = Partition.of(cfg)
     state_groups = {}
     for g in declared:
         source = given.get(g.name, params)
-        keys = [k for k in g.keys if k in params]  # a model with tied embeddings has no ``lm_head``
+        keys = part.group_keys(params, g.keys)
         missing = [k for k in keys if k not in source]
         if missing:
             raise ValueError(f"init_state: parameter group {g.name!r} needs the keys {keys}; the "
                              f"parameters given for it lack {missing}")
-        state_groups[g.name] = {k: jax.tree.map(jnp.copy, source[k]) for k in keys}
+        trained = part.trained({**params, **{k: source[k] for k in keys}})
+        state_groups[g.name] = {k: jax.tree.map(jnp.copy, trained[k]) for k in keys}
     return TrainState(
         params=params,
         groups=state_groups,
-        opt_state=make_optimizer(cfg).init(params),
+        opt_state=make_optimizer(cfg).init(part.trained(params)),
         step=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(seed)),

@@ -19,14 +19,16 @@ from flax import nnx
 from jaxrl_lm.batch import trunk_inputs
 from jaxrl_lm.config import Config
 from jaxrl_lm.models import Params, QTransformer, model_graphdef
+from jaxrl_lm.models.partition import Partition
 from jaxrl_lm.rl import ModelView, Objective, TrunkFeed, get_objective
 from jaxrl_lm.train.state import TrainState, make_optimizer, param_groups
 
 
-def model_view(model: QTransformer, context: str) -> ModelView:
-    """The callables an objective reads, for one merged model; ``hidden`` is deterministic (no dropout)."""
+def model_view(model: QTransformer, context: str, frozen_layers: int = 0) -> ModelView:
+    """The callables an objective reads, for one merged model; ``hidden`` is deterministic (no dropout) and
+    passes no gradient into a frozen trunk bottom (``frozen_layers``, as ``QTransformer.hidden``)."""
     def hidden(batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-        return model.hidden(batch["tokens"], *trunk_inputs(batch, context))
+        return model.hidden(batch["tokens"], *trunk_inputs(batch, context), frozen_layers=frozen_layers)
 
     def trunk(tokens, positions, mask, cache=None, cache_index=None):
         if cache is None:
@@ -57,10 +59,12 @@ def loss_fn(
     """
     objective = objective or get_objective(cfg.rl.objective)
     settings = cfg.section(objective.name)
+    part = Partition.of(cfg)
     model = nnx.merge(graphdef, params)
-    views = {"online": model_view(model, cfg.model.context)}
+    views = {"online": model_view(model, cfg.model.context, part.forward_arg)}
     for name, group in groups.items():
-        views[name] = model_view(nnx.merge(graphdef, {**params, **jax.lax.stop_gradient(group)}), cfg.model.context)
+        views[name] = model_view(nnx.merge(graphdef, part.with_group(params, jax.lax.stop_gradient(group))),
+                                 cfg.model.context)
     if rng is None:  # a deterministic evaluation of the loss: no dropout, a fixed key for the feed's sampling
         dropout_rng, feed_rng = None, jax.random.key(0)
     else:
@@ -68,7 +72,7 @@ def loss_fn(
     base = TrunkFeed(batch["tokens"], *trunk_inputs(batch, cfg.model.context))
     feed, extras = objective.feed(settings, cfg.rl, batch, base, views, feed_rng, vocab_size=cfg.model.vocab_size)
     hidden = model.hidden(feed.tokens, feed.positions, feed.attention_ids, mask=feed.mask,
-                          dropout_rng=dropout_rng if cfg.model.dropout > 0 else None)
+                          dropout_rng=dropout_rng if cfg.model.dropout > 0 else None, frozen_layers=part.forward_arg)
     return objective.loss(settings, cfg.rl, {**batch, **extras}, hidden, views, denominator,
                           vocab_size=cfg.model.vocab_size)
 
@@ -99,21 +103,24 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sha
     tx = make_optimizer(cfg)
     n_micro = cfg.optim.grad_accum
     eta = cfg.rl.target_ema
+    part = Partition.of(cfg)
+    # Differentiated with respect to the trained part only: a frozen trunk bottom gets no gradient buffers.
     grad_fn = jax.value_and_grad(
-        lambda p, g, b, d, r: loss_fn(cfg, graphdef, p, g, b, d, r, objective), has_aux=True
+        lambda t, f, g, b, d, r: loss_fn(cfg, graphdef, part.join(t, f), g, b, d, r, objective), has_aux=True
     )
 
     def update(state: TrainState, batch: Mapping[str, jnp.ndarray]) -> tuple[TrainState, dict[str, jnp.ndarray]]:
         denominator = objective.denominator(cfg.objective, cfg.rl, batch)
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         micro_rngs = jax.random.split(step_rng, n_micro)
+        trained, frozen = part.split(state.params)
 
         def micro_step(grads, inputs):
             micro, micro_rng = inputs
-            (_, metrics), g = grad_fn(state.params, state.groups, micro, denominator, micro_rng)
+            (_, metrics), g = grad_fn(trained, frozen, state.groups, micro, denominator, micro_rng)
             return jax.tree.map(jnp.add, grads, g), metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(jnp.zeros_like, trained)
         micro = _split_micro(batch, n_micro)
         if micro_sharding is not None:
             micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
@@ -121,18 +128,19 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sha
         metrics = {k: (jnp.sum(v) if k in objective.summed_metrics else jnp.mean(v))
                    for k, v in micro_metrics.items()}
 
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        updates, new_opt_state = tx.update(grads, state.opt_state, trained)
+        new_trained = optax.apply_updates(trained, updates)
+        new_params = part.join(new_trained, frozen)
         # EMA groups follow the new parameters once per optimizer step, snapshots copy them every
-        # refresh_every-th step; frozen groups never change.
+        # refresh_every-th step; frozen groups never change. Groups hold the trained part only.
         new_groups = {}
         for name, group in state.groups.items():
             role = roles[name]
             if role.role == "ema":
-                group = {k: ema(group[k], new_params[k], eta) for k in group}
+                group = {k: ema(group[k], new_trained[k], eta) for k in group}
             elif role.role == "snapshot":
                 fresh = (state.step + 1) % role.refresh_every == 0
-                group = {k: jax.tree.map(lambda new, old: jnp.where(fresh, new, old), new_params[k], group[k])
+                group = {k: jax.tree.map(lambda new, old: jnp.where(fresh, new, old), new_trained[k], group[k])
                          for k in group}
             new_groups[name] = group
 
