@@ -128,6 +128,10 @@ class DataConfig:
     seed: int = 0
     num_epochs: int = 0  # passes over the episodes; 0 = repeat forever
     top_return_fraction: float = 1.0  # keep only the episodes with the top fraction of returns (filtered BC)
+    # A directory for the frozen trunk bottom's outputs (train.frozen_layers), computed once and read back instead
+    # of running the frozen blocks every step (jaxrl_lm.train.features); "" = off.
+    feature_cache: str = ""
+    feature_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -560,6 +564,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.checkpoint_every must be >= 0 (0 = only at the end), got {cfg.train.checkpoint_every}")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be at least 1, got {cfg.train.keep_checkpoints}")
+    if d.feature_cache and not cfg.train.frozen_layers:
+        raise ConfigError(f"data.feature_cache ({d.feature_cache}) stores a frozen trunk bottom's outputs: set "
+                          f"train.frozen_layers (n blocks, or -1 for the whole trunk), or leave the cache out")
     if not -1 <= cfg.train.frozen_layers <= m.n_layers:
         raise ConfigError(f"train.frozen_layers must be -1 (the whole trunk), 0 (nothing) or a number of bottom "
                           f"blocks up to model.n_layers ({m.n_layers}), got {cfg.train.frozen_layers}")

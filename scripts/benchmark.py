@@ -58,6 +58,11 @@ PRESETS: dict[str, dict] = {
                                    batch=4, seq_len=256),
     "gpt2_small_frozen_all_k2": dict(config="configs/models/gpt2_small.yaml", overrides=["train.frozen_layers=-1"],
                                      batch=4, seq_len=256),
+    # ... and read from the feature cache (data.feature_cache): the batch brings the frozen blocks' output
+    "gpt2_small_cached10_k2": dict(config="configs/models/gpt2_small.yaml", overrides=["train.frozen_layers=10"],
+                                   batch=4, seq_len=256, features=True),
+    "gpt2_small_cached_all_k2": dict(config="configs/models/gpt2_small.yaml", overrides=["train.frozen_layers=-1"],
+                                     batch=4, seq_len=256, features=True),
     # The utterance-level critic on the tiny preset's batch (4 agent turns of 16 tokens per row): the max backup
     # samples N = 4 turns of up to 16 tokens at each state and scores them beside the row; expectile samples none.
     "tiny_utterance_max": dict(config="configs/models/tiny.yaml", overrides=[
@@ -242,6 +247,9 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
         f"data.batch_size={p['batch']}", f"data.seq_len={p['seq_len']}", f"rl.decision_fraction={fraction}"])
     peak = matmul_peak_gflops()
 
+    if p.get("features"):  # what jaxrl_lm.train.features.FeatureBatches adds to each batch
+        batch_np["features"] = np.random.default_rng(0).normal(
+            size=(p["batch"], p["seq_len"], cfg.model.d_model)).astype(np.float32)
     par = setup_parallelism(cfg)  # the mesh and shardings exactly as the training loop builds them
     state = init_sharded_state(cfg, par)
     update = jaxrl_lm.train.make_update(cfg, model_graphdef(cfg.model), state_sharding=par.state_sharding,
@@ -263,7 +271,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    flops = update_flops(cfg, p["batch"], p["seq_len"])
+    flops = update_flops(cfg, p["batch"], p["seq_len"], cached_features=bool(p.get("features")))
     tokens = p["batch"] * p["seq_len"]
     gb = 1024**3
     extra = {}
@@ -289,6 +297,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
         "n_q_heads": cfg.model.n_q_heads,
         "target_scope": cfg.token_q.target_scope,
         "frozen_layers": cfg.train.frozen_layers,
+        "cached_features": bool(p.get("features")),
         "backup": cfg.objective.backup,
         "decision_fraction": round(fraction, 4),
         "compile_s": round(compile_s, 2),

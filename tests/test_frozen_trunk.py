@@ -138,6 +138,10 @@ def test_frozen_layers_cut_the_update_flops_and_the_optimizer_state():
     assert f[0].heads == f[1].heads == f[2].heads
     # 3 blocks trained cost 9 block-forwards; 1 trained + 2 frozen cost 5; 3 frozen cost 3.
     np.testing.assert_allclose([f[1].trunk / f[0].trunk, f[2].trunk / f[0].trunk], [5 / 9, 3 / 9], rtol=1e-12)
+    # Read from the feature cache, the frozen blocks cost nothing in the step.
+    np.testing.assert_allclose(update_flops(frozen, 8, 64, cached_features=True).trunk / f[0].trunk, 3 / 9,
+                               rtol=1e-12)
+    assert update_flops(heads_only, 8, 64, cached_features=True).trunk == 0
     size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
     states = [abstract_train_state(c) for c in (whole, frozen, heads_only)]
     assert size(states[0].params) == size(states[1].params) == size(states[2].params)

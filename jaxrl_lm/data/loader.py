@@ -52,9 +52,11 @@ class Loader:
       summary: dataset figures (``DataStats.summary()``: episodes, tokens, rejected, no_decision, ...).
       num_episodes: records in the whole source (all processes): episodes, or their windows when
         ``truncate_side`` is ``"split"``.
+      source: the whole source's records, in order (an ``IndexedSource`` with ``make_loader(token_index=True)``).
     """
 
-    def __init__(self, dataset: grain.IterDataset, *, identity: dict[str, Any], summary: dict[str, Any]):
+    def __init__(self, dataset: grain.IterDataset, *, identity: dict[str, Any], summary: dict[str, Any],
+                 source: Any = None):
         # The prefetch thread must be stopped before interpreter exit: killed inside native reader code, it
         # aborts the process. finalize runs at garbage collection or at exit, whichever comes first, and it
         # empties the box so the iterator is freed while grain's modules are still alive.
@@ -62,6 +64,7 @@ class Loader:
         self._finalizer = weakref.finalize(self, _close_box, self._box)
         self._identity = identity
         self.summary = summary
+        self.source = source
         self.num_episodes = int(identity["num_episodes"])
 
     def __iter__(self) -> "Loader":
@@ -188,8 +191,34 @@ def _check_layout(cfg: DataConfig, process_index: int, process_count: int) -> in
     return cfg.batch_size // process_count
 
 
+TOKEN_INDEX = "token_index"  # the optional per-token field of make_loader(token_index=True)
+
+
+class IndexedSource:
+    """A loader source whose records also carry ``token_index [n] int32``: 1 + each token's ordinal in the whole
+    source (records in order, tokens in order), 0 on padding once packed. A per-token store aligned with the
+    source (the frozen trunk's cached features, ``jaxrl_lm.train.features``) is then one gather per batch.
+
+    offsets: ``[len(source) + 1] int64``, record ``i``'s tokens are ordinals ``offsets[i]..offsets[i+1]-1``.
+    """
+
+    def __init__(self, source: Any):
+        self.source = source
+        lengths = np.fromiter((len(source[i]["tokens"]) for i in range(len(source))), np.int64, len(source))
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        record = select_fields(self.source[i])
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        record[TOKEN_INDEX] = np.arange(start + 1, end + 1, dtype=np.int32)
+        return record
+
+
 def make_loader(data_cfg: DataConfig, *, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1,
-                episodes: Iterable[Mapping | Episode] | None = None) -> Loader:
+                episodes: Iterable[Mapping | Episode] | None = None, token_index: bool = False) -> Loader:
     """The loader of this process: batches ``[data_cfg.batch_size // process_count, data_cfg.seq_len]``.
 
     Args:
@@ -199,34 +228,42 @@ def make_loader(data_cfg: DataConfig, *, tokenizer: Tokenizer, process_index: in
       tokenizer: must be the one a built dataset was made with (checked by fingerprint).
       process_index, process_count: this host's share (``jax.process_index()``, ``jax.process_count()``).
       episodes: in-memory episodes (dicts or ``Episode``) used instead of ``data_cfg.path``.
+      token_index: every batch also holds ``token_index [B_local, L] int32`` (``IndexedSource``), and the loader
+        its ``source`` (the ``IndexedSource``).
     """
     rows = _check_layout(data_cfg, process_index, process_count)
     source, summary = load_source(data_cfg, tokenizer, episodes)
+    if token_index:
+        source = IndexedSource(source)
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if len(ds) == 0:
         raise ValueError(f"process {process_index} of {process_count} gets no episode: the dataset has "
                          f"{len(source)}; use fewer processes or more data")
     if data_cfg.shuffle:
         ds = ds.shuffle(seed=data_cfg.seed)
-    ds = ds.repeat(data_cfg.num_epochs or None).map(select_fields)
+    ds = ds.repeat(data_cfg.num_epochs or None)
+    if not token_index:
+        ds = ds.map(select_fields)
     rows_ds = rows_dataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len=data_cfg.seq_len, rows=rows,
-                           pad_id=tokenizer.pad_id, pack=data_cfg.pack)
+                           pad_id=tokenizer.pad_id, pack=data_cfg.pack,
+                           extra={TOKEN_INDEX: np.dtype(np.int32)} if token_index else None)
     batches = rows_ds.batch(rows).map(functools.partial(fill_batch, rows=rows, pad_id=tokenizer.pad_id))
     batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=_PREFETCH_BATCHES)
     identity = {"seq_len": data_cfg.seq_len, "rows": rows, "pack": data_cfg.pack, "shuffle": data_cfg.shuffle,
                 "seed": data_cfg.seed, "num_epochs": data_cfg.num_epochs, "process_index": process_index,
                 "process_count": process_count, "num_episodes": len(source), "pad_id": tokenizer.pad_id}
-    return Loader(batches, identity=identity, summary=summary)
+    return Loader(batches, identity=identity, summary=summary, source=source)
 
 
 def to_global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-    """This process's ``[B_local, L]`` numpy batch -> global ``jax.Array`` s ``[B_local * process_count, L]``.
+    """This process's ``[B_local, L]`` numpy batch -> global ``jax.Array`` s ``[B_local * process_count, L]``
+    (every field; an extra one such as ``features [B_local, L, D]`` keeps its trailing axes).
 
     ``sharding`` is the batch sharding (e.g. ``NamedSharding(mesh, P(("data", "fsdp"), None))``); each process
     passes the rows its loader produced, and together they form the global batch.
     """
     out = {}
-    for k in BATCH_FIELDS:
+    for k in (*BATCH_FIELDS, *(k for k in batch if k not in BATCH_FIELDS)):  # the contract's, then any extra
         local = np.asarray(batch[k])
         global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
         out[k] = jax.make_array_from_process_local_data(sharding, local, global_shape)

@@ -43,8 +43,9 @@ def trunk_flops_per_token(cfg: Config, seq_len: int) -> float:
     return float(m.n_layers * per_layer)
 
 
-def update_flops(cfg: Config, batch_size: int, seq_len: int) -> UpdateFlops:
-    """Model FLOPs of one optimizer step on a ``[batch_size, seq_len]`` batch."""
+def update_flops(cfg: Config, batch_size: int, seq_len: int, *, cached_features: bool = False) -> UpdateFlops:
+    """Model FLOPs of one optimizer step on a ``[batch_size, seq_len]`` batch; ``cached_features``: the frozen
+    bottom's output comes with the batch (``data.feature_cache``), so its blocks cost nothing in the step."""
     tokens = batch_size * seq_len
     objective = get_objective(cfg.rl.objective)
     extra = objective.head_flops(cfg.objective, cfg.rl, cfg.model, batch_size, seq_len)
@@ -52,5 +53,5 @@ def update_flops(cfg: Config, batch_size: int, seq_len: int) -> UpdateFlops:
     n = cfg.model.n_layers
     frozen = n if cfg.train.frozen_layers < 0 else cfg.train.frozen_layers
     per_layer = trunk_flops_per_token(cfg, seq_len) / n
-    trunk = (3 * (n - frozen) + frozen + extra.trunk_forwards * n) * per_layer * tokens
+    trunk = (3 * (n - frozen) + (0 if cached_features else frozen) + extra.trunk_forwards * n) * per_layer * tokens
     return UpdateFlops(trunk=trunk, heads=extra.heads, per_token=(trunk + extra.heads) / tokens)

@@ -32,7 +32,7 @@ from jaxrl_lm import data, distributed
 from jaxrl_lm.checkpoints import load_params, run_seeds
 from jaxrl_lm.config import Config, ConfigError, to_yaml
 from jaxrl_lm.models import Params, model_graphdef
-from jaxrl_lm.train import checkpoint
+from jaxrl_lm.train import checkpoint, features
 from jaxrl_lm.train.mesh import place_batch
 from jaxrl_lm.train.sharding import Parallelism, init_sharded_state, setup_parallelism
 from jaxrl_lm.train.state import TrainState, init_state
@@ -288,9 +288,13 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
         raise ValueError("train: give episodes (for a loader of cfg.data) or a batch source, not both")
     tokenizer = data.load_tokenizer(cfg.data.tokenizer)
     check_vocab(cfg, tokenizer)
+    cached = bool(cfg.data.feature_cache)
+    if cached:
+        features.check_supported(cfg, online=cfg.online.enabled or source is not None,
+                                 process_count=jax.process_count())
     loader = source if source is not None else data.make_loader(
         cfg.data, tokenizer=tokenizer, episodes=episodes, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), token_index=cached)
     par = setup_parallelism(cfg)
     if is_main and progress:
         tqdm.write(par.summary())
@@ -309,6 +313,9 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
         else:
             loader.set_state(restored.loader_state)
         state = restored.state
+    if cached:  # the frozen bottom's outputs, read or computed once (a frozen bottom is the same after resuming)
+        loader = features.FeatureBatches(loader, features.open_or_build(cfg, state.params, loader.source, seeds,
+                                                                        progress=progress and is_main))
     update = make_update(cfg, model_graphdef(cfg.model), state_sharding=sharding, batch_sharding=par.batch_sharding,
                          seed_axis=seeds is not None)
     log = MetricsLog(out_dir, is_main and outputs)

@@ -28,6 +28,8 @@ def model_view(model: QTransformer, context: str, frozen_layers: int = 0) -> Mod
     """The callables an objective reads, for one merged model; ``hidden`` is deterministic (no dropout) and
     passes no gradient into a frozen trunk bottom (``frozen_layers``, as ``QTransformer.hidden``)."""
     def hidden(batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+        if "features" in batch:  # the frozen bottom's cached output (jaxrl_lm.train.features)
+            return model.hidden_from_features(batch["features"], *trunk_inputs(batch, context), frozen_layers)
         return model.hidden(batch["tokens"], *trunk_inputs(batch, context), frozen_layers=frozen_layers)
 
     def trunk(tokens, positions, mask, cache=None, cache_index=None):
@@ -64,15 +66,23 @@ def loss_fn(
     views = {"online": model_view(model, cfg.model.context, part.forward_arg)}
     for name, group in groups.items():
         views[name] = model_view(nnx.merge(graphdef, part.with_group(params, jax.lax.stop_gradient(group))),
-                                 cfg.model.context)
+                                 cfg.model.context, part.forward_arg)
     if rng is None:  # a deterministic evaluation of the loss: no dropout, a fixed key for the feed's sampling
         dropout_rng, feed_rng = None, jax.random.key(0)
     else:
         dropout_rng, feed_rng = jax.random.split(rng)
+    dropout_rng = dropout_rng if cfg.model.dropout > 0 else None
     base = TrunkFeed(batch["tokens"], *trunk_inputs(batch, cfg.model.context))
-    feed, extras = objective.feed(settings, cfg.rl, batch, base, views, feed_rng, vocab_size=cfg.model.vocab_size)
-    hidden = model.hidden(feed.tokens, feed.positions, feed.attention_ids, mask=feed.mask,
-                          dropout_rng=dropout_rng if cfg.model.dropout > 0 else None, frozen_layers=part.forward_arg)
+    if "features" in batch:
+        # The frozen bottom's output comes cached with the batch (data.feature_cache, the default feed only).
+        extras = {}
+        hidden = model.hidden_from_features(batch["features"], base.positions, base.attention_ids,
+                                            part.forward_arg, dropout_rng=dropout_rng)
+    else:
+        feed, extras = objective.feed(settings, cfg.rl, batch, base, views, feed_rng,
+                                      vocab_size=cfg.model.vocab_size)
+        hidden = model.hidden(feed.tokens, feed.positions, feed.attention_ids, mask=feed.mask,
+                              dropout_rng=dropout_rng, frozen_layers=part.forward_arg)
     return objective.loss(settings, cfg.rl, {**batch, **extras}, hidden, views, denominator,
                           vocab_size=cfg.model.vocab_size)
 
