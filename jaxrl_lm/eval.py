@@ -11,6 +11,14 @@ over the starts (cycling through them when N exceeds their number).
 
 The interval is Student's t 95% interval of the mean return over episodes (normalised the same way: the
 normalisation is monotone and piecewise linear, so the interval's ends are normalised separately).
+
+Legal actions (``legality=True``; off by default, and then evaluation costs what it always did): on a task whose
+env exposes its legal action texts (``legal_actions()``, ``jaxrl_lm.envs.base``), ``legal_rate`` is the fraction
+of agent turns whose action text is exactly one of them, over ``legal_turns`` turns. For a ``ModelPolicy`` that
+is not already held to a set, the same policy is then rolled out again held to the env's sets (a token-trie mask
+while decoding, ``jaxrl_lm.model_policy``) and that run's summary is under ``"constrained"``: its return and
+score with every action legal (its ``legal_rate`` is 1 unless the constraint failed). A task without sets gets
+neither field and no second run.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import scipy.stats
 from jaxrl_lm import envs
 from jaxrl_lm.config import Config, ModelConfig, eval_task
 from jaxrl_lm.data.episodes import EpisodeRecord
+from jaxrl_lm.envs.base import transcript_legal_actions
 from jaxrl_lm.envs.normalize import TaskStats
 from jaxrl_lm.envs.tasks import TaskSpec, get_task
 from jaxrl_lm.models import Params
@@ -107,36 +116,78 @@ def load_task_stats(task: str, cfg: Optional[Config] = None, stats_file: Optiona
     return _generated_task_stats(task, 1000, 0)
 
 
+class LegalityCounter:
+    """Wraps a policy; counts the agent turns whose env exposed legal action texts (``turns``) and how many of
+    those turns' actions were exactly one of them (``legal``)."""
+
+    def __init__(self, act: Callable[[list[str]], list[str]]):
+        self.act, self.turns, self.legal = act, 0, 0
+        self._sets: dict[int, tuple[Any, frozenset[str]]] = {}  # id(set) -> (set, frozenset): Wordle's 12 972
+        #                                                          words are hashed once, not once per turn
+
+    def __call__(self, transcripts: list[str]) -> list[str]:
+        legal_sets = [transcript_legal_actions(t) for t in transcripts]  # before acting: the state acted in
+        actions = self.act(transcripts)
+        if isinstance(actions, (list, tuple)) and len(actions) == len(transcripts):  # else rollout reports it
+            for legal, action in zip(legal_sets, actions):
+                if legal is not None:
+                    self.turns += 1
+                    self.legal += isinstance(action, str) and action in self._as_set(legal)
+        return actions
+
+    def _as_set(self, legal: Sequence[str]) -> frozenset[str]:
+        hit = self._sets.get(id(legal))
+        if hit is None or hit[0] is not legal:
+            if len(self._sets) >= 256:  # chess: a new tuple every position
+                self._sets.clear()
+            hit = self._sets[id(legal)] = (legal, frozenset(legal))
+        return hit[1]
+
+
 def evaluate_policy(act: Callable[[list[str]], list[str]], task: str | TaskSpec, *, episodes: Optional[int] = None,
                     task_stats: Optional[TaskStats | Mapping[str, Any]] = None, batch_size: int = 64,
-                    success: Callable[[EpisodeRecord], bool] = is_success) -> dict[str, Any]:
+                    success: Callable[[EpisodeRecord], bool] = is_success, legality: bool = False) -> dict[str, Any]:
     """Rolls ``act`` out on ``task`` (module docstring) and summarises; adds ``task``, ``seconds`` and, for a
-    ``ModelPolicy``, its knobs under ``"policy"``. The episode records are under ``"records"``."""
+    ``ModelPolicy``, its knobs under ``"policy"``. The episode records are under ``"records"``.
+
+    ``legality``: also report ``legal_rate`` / ``legal_turns`` and, for an unconstrained ``ModelPolicy``, the
+    ``"constrained"`` run (module docstring), when the task's env exposes legal actions.
+    """
     spec = task if isinstance(task, TaskSpec) else get_task(task)
+    counter = LegalityCounter(act) if legality else None
     t0 = time.perf_counter()
-    records = envs.run_policy(spec, act, eval_seeds(spec, episodes), spec.eval_steps, batch_size)
+    records = envs.run_policy(spec, counter or act, eval_seeds(spec, episodes), spec.eval_steps, batch_size)
     result = {"task": spec.name, **summarize(records, task_stats, success), "seconds": time.perf_counter() - t0}
     if isinstance(act, ModelPolicy):
         result["policy"] = describe(act)
+    if counter is not None and counter.turns:
+        result["legal_rate"] = counter.legal / counter.turns
+        result["legal_turns"] = counter.turns
+        if isinstance(act, ModelPolicy) and act.actions is None:
+            constrained = evaluate_policy(act.with_actions(transcript_legal_actions), spec, episodes=episodes,
+                                          task_stats=task_stats, batch_size=batch_size, success=success,
+                                          legality=True)
+            result["constrained"] = {k: v for k, v in constrained.items() if k not in ("task", "policy", "records")}
     result["records"] = records
     return result
 
 
 def evaluate_params(cfg: Config | ModelConfig, params: Params, task: str, *, episodes: Optional[int] = None,
                     task_stats: Optional[TaskStats | Mapping[str, Any]] = None, batch_size: int = 64,
-                    **policy_kw: Any) -> dict[str, Any]:
+                    legality: bool = False, **policy_kw: Any) -> dict[str, Any]:
     """``evaluate_policy`` of ``load_policy(params, cfg=cfg, **policy_kw)`` (kind, beta, temperature, ...), for
     calling every N training steps: the decoder is compiled once per shape and reused by later calls.
 
     ``task_stats`` defaults to ``load_task_stats(task, cfg)`` when ``cfg`` is a full ``Config``; the normalised
     fields are left out for a bare ``ModelConfig`` without stats. ``max_turns`` defaults to the task's
-    ``context_turns``.
+    ``context_turns``. ``legality``: as in ``evaluate_policy``.
     """
     if task_stats is None and isinstance(cfg, Config):
         task_stats = load_task_stats(task, cfg)
     policy_kw.setdefault("max_turns", get_task(task).context_turns)
     policy = load_policy(params, cfg=cfg, **policy_kw)
-    return evaluate_policy(policy, task, episodes=episodes, task_stats=task_stats, batch_size=batch_size)
+    return evaluate_policy(policy, task, episodes=episodes, task_stats=task_stats, batch_size=batch_size,
+                           legality=legality)
 
 
 # Summary fields logged as eval/<policy>/<field> during training (jaxrl_lm.train.loop).
@@ -171,6 +222,10 @@ _COLUMNS = (("task", "task", "{}"), ("policy", "policy", "{}"), ("episodes", "ep
             ("mean return", "mean_return", "{:.3f}"), ("return 95% CI", "return_ci95", "[{:.3f}, {:.3f}]"),
             ("normalised", "normalized_score", "{:.1f}"), ("normalised 95% CI", "normalized_ci95", "[{:.1f}, {:.1f}]"),
             ("success", "success_rate", "{:.1%}"))
+# Added when a result reports legality (evaluate_policy(..., legality=True)); "constrained." reads that sub-dict.
+_LEGALITY_COLUMNS = (("legal", "legal_rate", "{:.1%}"), ("legal-only return", "constrained.mean_return", "{:.3f}"),
+                     ("legal-only normalised", "constrained.normalized_score", "{:.1f}"),
+                     ("legal-only success", "constrained.success_rate", "{:.1%}"))
 
 
 def _policy_label(result: Mapping[str, Any]) -> str:
@@ -181,12 +236,15 @@ def _policy_label(result: Mapping[str, Any]) -> str:
     label += " greedy" if p["temperature"] == 0 else f" T={p['temperature']:g}"
     label += f" top-k={p['top_k']}" if p["top_k"] else ""
     label += f" top-p={p['top_p']:g}" if p["top_p"] < 1 else ""
+    label += " legal-only" if p.get("actions") else ""
     return label + (f" best-of-{p['best_of']}" if p["best_of"] > 1 else "")
 
 
 def _cell(result: Mapping[str, Any], key: str, fmt: str) -> str:
     if key == "policy":
         return _policy_label(result)
+    if key.startswith("constrained."):
+        result, key = result.get("constrained") or {}, key.split(".", 1)[1]
     value = result.get(key)
     if value is None:
         return "-"
@@ -194,9 +252,10 @@ def _cell(result: Mapping[str, Any], key: str, fmt: str) -> str:
 
 
 def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
-    """One row per evaluation result."""
-    lines = ["| " + " | ".join(name for name, _, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r, key, fmt) for _, key, fmt in _COLUMNS) + " |" for r in results]
+    """One row per evaluation result (with the legality columns when any result reports legality)."""
+    columns = _COLUMNS + (_LEGALITY_COLUMNS if any("legal_rate" in r for r in results) else ())
+    lines = ["| " + " | ".join(name for name, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r, key, fmt) for _, key, fmt in columns) + " |" for r in results]
     return "\n".join(lines) + "\n"
 
 

@@ -3,12 +3,20 @@
 ``decode`` is one ``jax.jit``: it prefills the left-padded prompts into a KV cache, then runs a
 ``lax.while_loop`` of single-token steps until every row has emitted a stop token (EOT, the end of an agent
 turn, or any other id in ``stop_ids``) or ``max_new_tokens`` are out. Each step scores the next token with
-``jaxrl_lm.rl.policy_extraction`` (bc / ilql / q), filters (allowed-token mask, top-k, top-p) and samples.
+``jaxrl_lm.rl.policy_extraction`` (bc / ilql / q), filters (allowed-token mask, legal-action trie, top-k, top-p)
+and samples.
 
 What recompiles: the static ``DecodeSpec`` (policy kind, top-k, token budget, best-of), the model graph, and
-the shapes ``[B, P]`` of the prompt batch; ``Sampling`` (beta, temperature, top-p), the stop ids and the
-allowed-token mask are traced. Callers bucket ``B`` and ``P`` to powers of two (``bucket``) so a rollout whose
-batch shrinks and whose prompts grow compiles a handful of shapes, not one per call.
+the shapes ``[B, P]`` of the prompt batch, and a legal-action trie's padded sizes and window; ``Sampling`` (beta,
+temperature, top-p), the stop ids, the allowed-token mask and the trie's contents are traced. Callers bucket ``B``
+and ``P`` to powers of two (``bucket``; ``jaxrl_lm.data.action_trie.pack_tries`` does the same for tries) so a
+rollout whose batch shrinks and whose prompts grow compiles a handful of shapes, not one per call.
+
+Legal actions (``trie``, a ``TrieArrays`` from ``jaxrl_lm.data.action_trie``): each row carries a node of its
+action set's token trie; every step masks the scores to the node's children (intersected with ``allowed``) before
+the choice, and the chosen token advances the node, so a constrained turn is one of the row's actions followed by
+EOT. Without a trie (``trie=None``) no mask is built and no node is carried: the decoder's program is the one it
+was before tries existed, and its outputs are bitwise the same (``tests/test_action_trie.py``).
 
 Best-of-N (``DecodeSpec.best_of = N``): every episode's row is repeated N times, the N candidate turns are
 sampled independently, and the one with the highest *final-token Q-value* is kept: ``min_k Q_k(h, a_last)``
@@ -32,7 +40,9 @@ from flax import nnx
 
 from jaxrl_lm.config import ModelConfig
 from jaxrl_lm.models import KVCache, Params, QTransformer, model_graphdef
-from jaxrl_lm.rl.policy_extraction import check_kind, needs_heads, policy_scores, sample_tokens
+from jaxrl_lm.rl.policy_extraction import (
+    TrieArrays, check_kind, needs_heads, policy_scores, sample_tokens, trie_mask, trie_next,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +113,7 @@ class _Loop(NamedTuple):
     out: Decoded
     done: jax.Array  # [R] bool
     rng: jax.Array
+    node: Optional[jax.Array] = None  # [R] int32 legal-action trie node (-1: unconstrained); None without a trie
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,7 +134,7 @@ def prompt_layout(prompt_lengths: jax.Array, width: int) -> tuple[jax.Array, jax
 
 
 def _choose(model: QTransformer, spec: DecodeSpec, sampling: Sampling, stop_ids: jax.Array, pad_id: jax.Array,
-            allowed: Optional[jax.Array], s: _Loop) -> _Loop:
+            allowed: Optional[jax.Array], trie: Optional[TrieArrays], s: _Loop) -> _Loop:
     """Scores, samples and records token ``s.t`` of every row from ``s.h``; finished rows emit ``pad_id``."""
     use_lm, use_q, use_v = needs_heads(spec.kind)
     lm = model.lm_logits(s.h) if use_lm else None
@@ -131,6 +142,10 @@ def _choose(model: QTransformer, spec: DecodeSpec, sampling: Sampling, stop_ids:
     value = model.value(s.h) if use_v else None
     scores = policy_scores(spec.kind, lm, q, value, sampling.beta, model.cfg.vocab_size)
     rng, key = jax.random.split(s.rng)
+    if trie is not None:
+        # Finished rows allow everything: their draw is discarded, and an all -inf row would only make NaNs.
+        legal = trie_mask(trie, s.node, spec.max_new_tokens - s.t, scores.shape[-1]) | s.done[:, None]
+        allowed = legal if allowed is None else legal & allowed
     token = sample_tokens(key, scores, sampling.temperature, spec.top_k, sampling.top_p, allowed)
     if q is not None:
         q_token = jnp.take_along_axis(jnp.min(q, axis=0), token[:, None], axis=-1)[:, 0]
@@ -146,7 +161,8 @@ def _choose(model: QTransformer, spec: DecodeSpec, sampling: Sampling, stop_ids:
         stopped=s.out.stopped | (live & jnp.isin(token, stop_ids)),
         score=jnp.where(live, q_token, s.out.score),
     )
-    return s._replace(t=s.t + 1, out=out, done=s.done | out.stopped, rng=rng)
+    node = None if trie is None else jnp.where(live, trie_next(trie, s.node, token), s.node)
+    return s._replace(t=s.t + 1, out=out, done=s.done | out.stopped, rng=rng, node=node)
 
 
 def _best_of(d: Decoded, n: int) -> Decoded:
@@ -185,8 +201,8 @@ def advance(model: QTransformer, token: jax.Array, prompt_lengths: jax.Array, ca
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
 def decode(graphdef: nnx.GraphDef, params: Params, prompt: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
-           sampling: Sampling, stop_ids: jax.Array, pad_id: jax.Array, allowed: Optional[jax.Array] = None, *,
-           spec: DecodeSpec) -> Decoded:
+           sampling: Sampling, stop_ids: jax.Array, pad_id: jax.Array, allowed: Optional[jax.Array] = None,
+           trie: Optional[TrieArrays] = None, *, spec: DecodeSpec) -> Decoded:
     """Decodes one turn per row.
 
     Args:
@@ -201,6 +217,9 @@ def decode(graphdef: nnx.GraphDef, params: Params, prompt: jax.Array, prompt_len
       pad_id: int32 scalar written after a row's stop token.
       allowed: ``[Vp]`` or ``[B, Vp]`` bool, the tokens that may be sampled, or None (all real ids). It must
         allow the stop ids.
+      trie: the legal-action tries of the rows (``TrieArrays``, ``roots`` of shape ``[B]``; module docstring), or
+        None. A constrained row emits one of its actions and EOT, provided one fits ``max_new_tokens`` (longer
+        actions are never started) and ``allowed`` allows its tokens.
       spec: the static ``DecodeSpec``.
 
     Returns:
@@ -208,16 +227,22 @@ def decode(graphdef: nnx.GraphDef, params: Params, prompt: jax.Array, prompt_len
     """
     model = nnx.merge(graphdef, params)
     n, new = spec.best_of, spec.max_new_tokens
+    if trie is not None and trie.roots.shape != prompt_lengths.shape:
+        raise ValueError(f"decode: trie.roots has shape {trie.roots.shape}, expected one root per prompt row "
+                         f"{prompt_lengths.shape} (-1 for an unconstrained row)")
     if n > 1:  # candidates of one episode are adjacent rows: row b * n + i
         prompt, prompt_lengths = jnp.repeat(prompt, n, axis=0), jnp.repeat(prompt_lengths, n, axis=0)
         if allowed is not None and allowed.ndim == 2:
             allowed = jnp.repeat(allowed, n, axis=0)
+        if trie is not None:
+            trie = dataclasses.replace(trie, roots=jnp.repeat(trie.roots, n, axis=0))
     rows = prompt.shape[0]
     h, cache = prefill(model, prompt, prompt_lengths, new)
     empty = Decoded(jnp.full((rows, new), pad_id, jnp.int32), jnp.zeros(rows, jnp.int32), jnp.zeros(rows, bool),
                     jnp.zeros(rows, jnp.float32))
-    choose = functools.partial(_choose, model, spec, sampling, stop_ids, pad_id, allowed)
-    state = choose(_Loop(jnp.int32(0), cache, h, empty, prompt_lengths == 0, rng))
+    choose = functools.partial(_choose, model, spec, sampling, stop_ids, pad_id, allowed, trie)
+    node = None if trie is None else jnp.asarray(trie.roots, jnp.int32)
+    state = choose(_Loop(jnp.int32(0), cache, h, empty, prompt_lengths == 0, rng, node))
 
     def step(s: _Loop) -> _Loop:
         h, cache = advance(model, s.out.tokens[:, s.t - 1], prompt_lengths, s.cache, prompt.shape[1], s.t - 1)

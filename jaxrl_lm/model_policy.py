@@ -20,12 +20,22 @@ without BOS (``jaxrl_lm.batch.observation_windows``).
 The action is the decoded turn up to its EOT (or the token budget). Special tokens other than the stop tokens
 (BOS, PAD) are never sampled, so every action is plain text that encodes back to the tokens the model chose
 (up to the tokenizer's own merge choices).
+
+Legal actions (``actions=``): a policy may be held to a set of action texts, fixed (``actions=["crane", ...]``,
+compiled once) or per episode and call (``actions=fn``, ``fn(transcript) -> texts or None``, e.g.
+``jaxrl_lm.envs.base.transcript_legal_actions``, which asks the episode's env; or ``policy(transcripts,
+actions=[...])``, one set or None per transcript). Each set becomes a token trie
+(``jaxrl_lm.data.action_trie``, compiled once per distinct set and cached) and the decoder masks every step to
+it, so the policy's scores (bc, ilql, q) and best-of-N are computed on the legal continuations only, and every
+constrained action is exactly one of the texts. A set holding an action longer than the token budget, or a token
+outside ``allowed_tokens``, is refused with an error that names it.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +43,20 @@ import numpy as np
 
 from jaxrl_lm.checkpoints import load_params
 from jaxrl_lm.config import Config, ModelConfig
+from jaxrl_lm.data.action_trie import ActionTrie, compile_action_trie, pack_tries
 from jaxrl_lm.data.tokenizer import Tokenizer, build_char_tokenizer, load_tokenizer
 from jaxrl_lm.generate import DecodeSpec, Sampling, bucket, decode
 from jaxrl_lm.models import Params, model_graphdef
+from jaxrl_lm.rl.policy_extraction import TrieArrays
 
 # Prompt widths and batch sizes are padded to powers of two at least this large (fewer compiled shapes).
 MIN_PROMPT_BUCKET = 16
 MIN_BATCH_BUCKET = 8
+# Compiled action tries kept per policy (least recently used dropped): a chess game's positions each have a set.
+TRIE_CACHE_SIZE = 4096
+
+# A fixed action set, or a function of the transcript giving its set (None: that episode is unconstrained).
+ActionSource = Union[Sequence[str], Callable[[str], Optional[Sequence[str]]]]
 
 
 def transcript_turns(transcript: str) -> list[str]:
@@ -122,11 +139,14 @@ class ModelPolicy:
       spec, sampling: the decoding knobs (``jaxrl_lm.generate``).
       max_prompt_len: longest prompt kept (``context_len - max_new_tokens``).
       max_turns: most turns of history a prompt keeps (None = as many whole turns as fit).
+      actions: the legal action texts (a tuple), a function of the transcript giving them, or None
+        (unconstrained); module docstring.
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, *, spec: DecodeSpec,
                  sampling: Sampling, context_len: int, seed: int = 0,
-                 allowed_tokens: Optional[Sequence[int]] = None, max_turns: Optional[int] = None):
+                 allowed_tokens: Optional[Sequence[int]] = None, max_turns: Optional[int] = None,
+                 actions: Optional[ActionSource] = None):
         if tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but model.vocab_size is "
                              f"{cfg.vocab_size}: load the tokenizer the model was trained with (data.tokenizer)")
@@ -144,10 +164,18 @@ class ModelPolicy:
                              f"{context_len}-token context; lower it below {context_len - 1}")
         self.cfg, self.params, self.tokenizer, self.spec, self.sampling = cfg, params, tokenizer, spec, sampling
         self.graphdef = model_graphdef(cfg)
-        self.allowed = jnp.asarray(sampling_mask(tokenizer, cfg.vocab_size, cfg.padded_vocab_size, allowed_tokens))
+        self._allowed = sampling_mask(tokenizer, cfg.vocab_size, cfg.padded_vocab_size, allowed_tokens)
+        self.allowed = jnp.asarray(self._allowed)
         self.stop_ids = jnp.asarray(stop_ids(tokenizer))
         self.stop_set = set(stop_ids(tokenizer).tolist())
         self.rng = jax.random.key(seed)
+        self.context_len, self.seed, self.allowed_tokens = context_len, seed, allowed_tokens
+        self._tries: OrderedDict[tuple[str, ...], ActionTrie] = OrderedDict()
+        if isinstance(actions, str):
+            raise ValueError(f"actions must be a sequence of action texts or a function, got the string {actions!r}")
+        self.actions = actions if actions is None or callable(actions) else tuple(actions)
+        if isinstance(self.actions, tuple):
+            self.trie(self.actions)  # a fixed set is compiled (and checked) now
 
     def prompts(self, transcripts: Sequence[str]) -> list[np.ndarray]:
         """Each transcript's prompt tokens, laid out and truncated as the data pipeline would. ``[n_i] int32``."""
@@ -168,12 +196,78 @@ class ModelPolicy:
             lengths[i] = len(p)
         return tokens, lengths
 
-    def decode_prompts(self, prompts: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """The turn decoded after each prompt, stop token included. ``[m_i] int32``."""
+    def trie(self, actions: tuple[str, ...]) -> ActionTrie:
+        """The compiled trie of one action set (cached per policy), checked against the token budget and the
+        allowed tokens."""
+        trie = self._tries.get(actions)
+        if trie is not None:
+            self._tries.move_to_end(actions)
+            return trie
+        trie = compile_action_trie(actions, self.tokenizer)
+        if trie.depth > self.spec.max_new_tokens:
+            lengths = [len(x) for x in self.tokenizer.encode_batch(list(trie.actions))]
+            longest = trie.actions[int(np.argmax(lengths))]
+            raise ValueError(f"legal action {longest!r} is {trie.depth} tokens with its EOT, more than the policy's "
+                             f"max_new_tokens {self.spec.max_new_tokens}: raise max_new_tokens to at least "
+                             f"{trie.depth}")
+        refused = trie.tokens[~self._allowed[trie.tokens]]
+        if len(refused):
+            raise ValueError(f"legal actions use token {int(refused[0])} ({self.tokenizer.decode(refused[:1])!r}), "
+                             f"which allowed_tokens excludes: allow every token of the action texts")
+        self._tries[actions] = trie
+        if len(self._tries) > TRIE_CACHE_SIZE:
+            self._tries.popitem(last=False)
+        return trie
+
+    def action_sets(self, transcripts: Sequence[str], actions: Optional[Sequence[Optional[Sequence[str]]]] = None
+                    ) -> list[Optional[tuple[str, ...]]]:
+        """Each transcript's legal action texts, or None (unconstrained): ``actions`` (one entry per transcript)
+        when given, else the policy's own ``actions``."""
+        if actions is not None:
+            if len(actions) != len(transcripts):
+                raise ValueError(f"got {len(actions)} action sets for {len(transcripts)} transcripts; pass one set "
+                                 f"(or None) per transcript")
+            sets = list(actions)
+        elif callable(self.actions):
+            sets = [self.actions(t) for t in transcripts]
+        else:
+            sets = [self.actions] * len(transcripts)
+        for s in sets:
+            if isinstance(s, str):
+                raise ValueError(f"an action set must be a sequence of texts, got the string {s!r}")
+        return [None if s is None else tuple(s) for s in sets]
+
+    def trie_arrays(self, action_sets: Sequence[Optional[tuple[str, ...]]], rows: int) -> TrieArrays:
+        """The decoder's ``TrieArrays`` for ``rows`` batch rows: row ``i < len(action_sets)`` held to its set, the
+        others (batch padding, episodes without a set) unconstrained. Each distinct set is stored once."""
+        tries: list[ActionTrie] = []
+        index: dict[tuple[str, ...], int] = {}
+        by_id: dict[int, int] = {}  # the same set object on many rows (a fixed set, Wordle's list) hashes once
+        row_trie = np.full(rows, -1, np.int64)
+        for i, actions in enumerate(action_sets):
+            if actions is None:
+                continue
+            j = by_id.get(id(actions))
+            if j is None:
+                j = index.get(actions)
+                if j is None:
+                    j = index[actions] = len(tries)
+                    tries.append(self.trie(actions))
+                by_id[id(actions)] = j
+            row_trie[i] = j
+        return pack_tries(tries, row_trie)
+
+    def decode_prompts(self, prompts: Sequence[np.ndarray],
+                       action_sets: Optional[Sequence[Optional[tuple[str, ...]]]] = None) -> list[np.ndarray]:
+        """The turn decoded after each prompt, stop token included. ``[m_i] int32``. ``action_sets``: each
+        prompt's legal action texts or None (``action_sets``); None: unconstrained."""
         tokens, lengths = self.batch(prompts)
+        trie = None
+        if action_sets is not None and any(a is not None for a in action_sets):
+            trie = self.trie_arrays(action_sets, len(tokens))
         self.rng, key = jax.random.split(self.rng)
         out = decode(self.graphdef, self.params, tokens, lengths, key, self.sampling, self.stop_ids,
-                     jnp.int32(self.tokenizer.pad_id), self.allowed, spec=self.spec)
+                     jnp.int32(self.tokenizer.pad_id), self.allowed, trie, spec=self.spec)
         new, new_lengths = jax.device_get((out.tokens, out.lengths))
         return [new[i, : new_lengths[i]] for i in range(len(prompts))]
 
@@ -183,13 +277,24 @@ class ModelPolicy:
             turn = turn[:-1]
         return self.tokenizer.decode(turn)
 
-    def __call__(self, transcripts: Sequence[str]) -> list[str]:
-        """The next action text of every episode. An empty list in, an empty list out."""
+    def __call__(self, transcripts: Sequence[str],
+                 actions: Optional[Sequence[Optional[Sequence[str]]]] = None) -> list[str]:
+        """The next action text of every episode. An empty list in, an empty list out.
+
+        ``actions``: one legal action set (or None) per transcript for this call, in place of the policy's own.
+        """
         if not transcripts:
             return []
-        return [self.action_text(t) for t in self.decode_prompts(self.prompts(transcripts))]
+        turns = self.decode_prompts(self.prompts(transcripts), self.action_sets(transcripts, actions))
+        return [self.action_text(t) for t in turns]
 
     act = __call__
+
+    def with_actions(self, actions: Optional[ActionSource]) -> "ModelPolicy":
+        """The same policy (parameters, knobs, seed) held to ``actions`` instead (None: unconstrained)."""
+        return ModelPolicy(self.cfg, self.params, self.tokenizer, spec=self.spec, sampling=self.sampling,
+                           context_len=self.context_len, seed=self.seed, allowed_tokens=self.allowed_tokens,
+                           max_turns=self.max_turns, actions=actions)
 
 
 def load_policy(
@@ -208,6 +313,7 @@ def load_policy(
     context_len: Optional[int] = None,
     allowed_tokens: Optional[Sequence[int]] = None,
     max_turns: Optional[int] = None,
+    actions: Optional[ActionSource] = None,
     seed: int = 0,
 ) -> ModelPolicy:
     """A ``ModelPolicy`` from a checkpoint or from parameters.
@@ -230,6 +336,10 @@ def load_policy(
         longest history the training episodes hold when evaluation episodes run longer than them
         (``TaskSpec.context_turns``), so the model never reads positions it was not trained on. A model with
         ``context: observation`` always reads the latest observation alone (None or 1 only).
+      actions: legal action texts every action must be one of (a fixed set, compiled now), or a function
+        ``transcript -> texts or None`` asked for every episode at every call (e.g.
+        ``jaxrl_lm.envs.base.transcript_legal_actions``: the episode's env's ``legal_actions()``); None: free text
+        (module docstring).
       seed: of the sampling PRNG (each call draws a fresh key from it).
 
     Example::
@@ -255,7 +365,8 @@ def load_policy(
                          f"and temperature > 0, got best_of={best_of}, temperature={temperature}")
     spec = DecodeSpec(kind=kind, top_k=top_k, max_new_tokens=max_new_tokens, best_of=best_of)
     return ModelPolicy(model_cfg, params, tokenizer, spec=spec, sampling=Sampling.make(beta, temperature, top_p),
-                  context_len=context_len, seed=seed, allowed_tokens=allowed_tokens, max_turns=max_turns)
+                       context_len=context_len, seed=seed, allowed_tokens=allowed_tokens, max_turns=max_turns,
+                       actions=actions)
 
 
 def describe(policy: ModelPolicy) -> dict[str, Any]:
@@ -264,4 +375,5 @@ def describe(policy: ModelPolicy) -> dict[str, Any]:
     return {"kind": policy.spec.kind, "beta": float(s.beta), "temperature": float(s.temperature),
             "top_k": policy.spec.top_k, "top_p": float(s.top_p), "best_of": policy.spec.best_of,
             "max_new_tokens": policy.spec.max_new_tokens, "max_prompt_len": policy.max_prompt_len,
-            "max_turns": policy.max_turns}
+            "max_turns": policy.max_turns,
+            "actions": None if policy.actions is None else "per call" if callable(policy.actions) else "fixed"}

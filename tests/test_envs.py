@@ -306,6 +306,37 @@ def test_twenty_questions_reference_solves_every_object_and_truncation():
     assert not stuck["done"] and stuck["meta"]["return"] == spec.worst_return == -20.0
 
 
+# ------------------------------------------------------------------------------------------ legal actions
+
+
+def test_legal_actions_are_accepted_and_envs_without_a_set_expose_none():
+    """Wordle's allowed guesses, twenty questions' questions and guesses, and a chess position's SAN moves: every
+    listed text is a legal move for the env; the other envs (and plain strings) expose no set."""
+    from jaxrl_lm.envs import chess_endgames as chess_env
+
+    env = wordle.WordleEnv()
+    env.reset(0)
+    legal = base.legal_actions(env)
+    assert len(legal) == 12_972 and set(legal) == env.words.allowed and legal is base.legal_actions(env)
+    assert all(env.step(a)[0] != "invalid" for a in legal[::2600])
+    env = tq.TwentyQuestionsEnv()
+    env.reset(3)
+    legal = base.legal_actions(env)
+    assert len(legal) == 41 and set(tq.QUESTIONS) <= set(legal)
+    assert all(play(env, 3, [a])[0][0] != "invalid" for a in legal)
+    env = chess_env.EndgamesEnv()
+    start = env.reset(0)
+    legal = base.legal_actions(env)
+    assert len(legal) == len(list(env.board.legal_moves)) and {a.rstrip("+#") for a in legal} == set(
+        chess_env.san_moves(env.board))
+    observation, _, _ = env.step(legal[0])
+    assert observation != chess_env.ILLEGAL and base.legal_actions(env) != legal and env.reset(0) == start
+    for name in ("grid", "maze", "negotiation", "dialogue"):
+        assert base.legal_actions(envs.make_env(name)) is None, name
+    assert base.transcript_legal_actions("plain text\n") is None
+    assert base.transcript_legal_actions(base.Transcript("x\n", env, 0)) == base.legal_actions(env)
+
+
 # ------------------------------------------------------------------------------------------ datasets, scores
 
 

@@ -11,6 +11,16 @@ so value learning bootstraps through the cut (docs/design.md section 2). A malfo
 normal move that the env penalises; it never raises. An env behind a task (``jaxrl_lm.envs.tasks``) also has
 ``num_instances``, the number of distinct starts or secrets that ``reset`` picks from.
 
+Optionally, an env whose moves form a known set of texts also has
+
+    legal_actions() -> Sequence[str] | None              # the legal action texts in the current state
+
+(Wordle's allowed guesses, twenty questions' questions and guesses, a chess position's moves). Each text is the
+spelling the env's data writes, so a model trained on that data writes it the same way; the env may accept more
+spellings (case, surrounding whitespace), but every listed text is accepted. The set may change from turn to turn.
+A model policy can be held to it (``jaxrl_lm.model_policy``: ``actions=transcript_legal_actions``) and evaluation
+can report how often a policy's actions are in it (``jaxrl_lm.eval``). None, or no such method: no set.
+
 A policy is a callable ``act(transcripts: list[str]) -> list[str]``: given each running episode's text so far,
 the next action text of each. Transcripts are laid out by :func:`render_transcript`.
 
@@ -45,6 +55,19 @@ class Env(Protocol):
 
     def step(self, action: str) -> tuple[str, float, bool]:
         """Apply one action text; return (observation text, reward, done)."""
+
+
+def legal_actions(env: Any) -> Sequence[str] | None:
+    """The env's legal action texts now (its optional ``legal_actions()``; module docstring), or None."""
+    method = getattr(env, "legal_actions", None)
+    return None if method is None else method()
+
+
+def transcript_legal_actions(transcript: Any) -> Sequence[str] | None:
+    """The legal action texts of a running episode, from the env a ``Transcript`` carries (None for a plain
+    string, or an env without a set): the ``actions=`` source that holds a model policy to the env's moves."""
+    env = getattr(transcript, "env", None)
+    return None if env is None else legal_actions(env)
 
 
 class Transcript(str):

@@ -272,6 +272,13 @@ class EndgamesEnv:
             return result[0], result[1], True
         return self.board.fen(), MOVE_REWARD, False
 
+    def legal_actions(self) -> tuple[str, ...]:
+        """White's legal moves in the position, in SAN as python-chess writes them (``board.san``, check and mate
+        suffix included, as the dataset's moves are); empty once the game is over."""
+        if self.done:
+            return ()
+        return tuple(self.board.san(move) for move in self.board.legal_moves)
+
 
 # ------------------------------------------------------------------------------------------------ policies
 

@@ -84,6 +84,10 @@ def guess_text(name: str) -> str:
     return f"is it {'an' if name[0] in 'aeiou' else 'a'} {name}?"
 
 
+# Every question and every canonical guess: the legal actions of every turn (TwentyQuestionsEnv.legal_actions).
+LEGAL_ACTIONS = QUESTIONS + tuple(guess_text(name) for name in OBJECTS)
+
+
 class TwentyQuestionsEnv:
     """One game; seed ``i`` hides object ``i % num_instances`` (catalogue order)."""
 
@@ -119,6 +123,10 @@ class TwentyQuestionsEnv:
             return "yes", 0.0, True
         self.guessed.add(guess)
         return "no", -1.0, False
+
+    def legal_actions(self) -> tuple[str, ...]:
+        """The nine questions and the 32 canonical guesses (``guess_text``), whatever was asked before."""
+        return LEGAL_ACTIONS
 
 
 def candidates(history: list[tuple[int, bool]], guessed: set[int]) -> list[int]:

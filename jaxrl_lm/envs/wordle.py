@@ -41,6 +41,7 @@ class WordList:
         self.solutions = solutions
         self.guesses = sorted(set(guesses) | set(solutions))
         self.allowed = frozenset(self.guesses)
+        self.legal = tuple(self.guesses)  # one immutable object, so a policy's trie cache finds it by identity
         self.solution_array = encode(solutions)
         # presence[i, k]: answer i contains letter k (for the letter-frequency tie-break).
         self.presence = np.zeros((len(solutions), 26), dtype=np.int32)
@@ -157,6 +158,10 @@ class WordleEnv:
         solved = code == SOLVED
         self.done = solved or self.guesses >= self.max_guesses
         return observation, 0.0 if solved else -1.0, self.done
+
+    def legal_actions(self) -> tuple[str, ...]:
+        """Every allowed guess (answers included), lowercase: the same 12 972 words on every turn."""
+        return self.words.legal
 
 
 def consistent(history: list[tuple[str, int]], words: WordList) -> np.ndarray:

@@ -16,10 +16,18 @@ Scores, one per candidate next token ``a`` at hidden state ``h``:
 
 Sampling divides the scores by the temperature (so ``q`` samples ``softmax(min_k Q / T)``), keeps the top-k,
 then the top-p nucleus, and draws; temperature 0 takes the argmax of the unfiltered scores.
+
+Legal actions (``TrieArrays``, ``trie_mask``, ``trie_next``): when a task has a known set of legal action texts,
+their token sequences (each ending with its EOT) form a trie (``jaxrl_lm.data.action_trie`` compiles it on the
+host). A decoding row carries its trie node; ``trie_mask`` is the ``allowed`` mask of the node's children and
+``trie_next`` follows the chosen token. The mask is applied to the scores before sampling (``sample_tokens``), so
+every kind's choice, top-k, top-p and best-of all see the distribution restricted to the legal continuations.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -170,3 +178,71 @@ def sample_tokens(rng: jax.Array, scores: jnp.ndarray, temperature: jnp.ndarray 
 
     # cond, not where: greedy decoding then pays for neither the noise nor the top-k / top-p sorts.
     return jax.lax.cond(jnp.asarray(temperature) > 0, draw, greedy, scores)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("offsets", "tokens", "children", "min_left", "roots"), meta_fields=("window",))
+@dataclasses.dataclass(frozen=True)
+class TrieArrays:
+    """Token tries of legal action sets, flattened into one forest in CSR form, and each decoding row's root.
+
+    The node ids of every trie of a batch share one numbering (a batch whose rows share one action set stores its
+    trie once). Node ``n``'s outgoing edges are ``offsets[n] .. offsets[n + 1] - 1``, sorted by token; edge ``e``
+    emits token ``tokens[e]`` and leads to node ``children[e]``. An action's last edge emits EOT and leads to a
+    leaf (no edges), where the action is complete. Arrays may be padded past the real nodes and edges (padded
+    nodes have no edges) so that batches of different sets share a compiled decoder.
+
+    Attributes:
+      offsets: ``[N + 1]`` int32, non-decreasing, ``offsets[0] = 0``.
+      tokens: ``[E]`` int32 edge tokens.
+      children: ``[E]`` int32 edge targets, in ``[0, N)``.
+      min_left: ``[N]`` int32, the fewest tokens from node ``n`` to a complete action, its EOT included (0 at a
+        leaf; a large number at padded nodes).
+      roots: ``[B]`` int32, each row's start node; ``-1`` marks an unconstrained row.
+      window: static int, at least the largest out-degree: edges read per row and step.
+    """
+
+    offsets: jax.Array
+    tokens: jax.Array
+    children: jax.Array
+    min_left: jax.Array
+    roots: jax.Array
+    window: int
+
+
+def trie_edges(trie: TrieArrays, node: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The outgoing edges of each row's node, ``window`` slots a row. ``[R] int32 -> ([R, W], [R, W]) int32``:
+    the edge tokens (-1 in slots past the node's degree and for unconstrained rows, ``node < 0``) and children."""
+    start = trie.offsets[jnp.maximum(node, 0)]
+    degree = trie.offsets[jnp.maximum(node, 0) + 1] - start
+    slot = jnp.arange(trie.window, dtype=jnp.int32)
+    edge = jnp.minimum(start[:, None] + slot, trie.tokens.shape[0] - 1)
+    real = (slot < degree[:, None]) & (node[:, None] >= 0)
+    return jnp.where(real, trie.tokens[edge], -1), trie.children[edge]
+
+
+def trie_mask(trie: TrieArrays, node: jnp.ndarray, remaining: jnp.ndarray | int, padded_vocab: int) -> jnp.ndarray:
+    """``[R, Vp]`` bool: the tokens row ``r`` may emit at trie node ``node[r]`` with ``remaining`` (int32, scalar
+    or ``[R]``) tokens of budget left, this one included.
+
+    Token ``a`` is allowed iff an edge ``node -> c`` emits ``a`` and an action can still be completed in the budget
+    from ``c``: ``1 + min_left[c] <= remaining``. Nothing else is allowed (a leaf allows nothing); an unconstrained
+    row (``node < 0``) allows every id.
+    """
+    tokens, children = trie_edges(trie, node)
+    fits = trie.min_left[children] < jnp.broadcast_to(remaining, node.shape)[:, None]
+    target = jnp.where((tokens >= 0) & fits, tokens, padded_vocab)  # out of range: dropped by the scatter
+    rows = jnp.arange(node.shape[0])[:, None]
+    mask = jnp.zeros((node.shape[0], padded_vocab), bool).at[rows, target].set(True, mode="drop")
+    return mask | (node < 0)[:, None]
+
+
+def trie_next(trie: TrieArrays, node: jnp.ndarray, token: jnp.ndarray) -> jnp.ndarray:
+    """The node each row reaches by emitting ``token``. ``[R], [R] -> [R]`` int32.
+
+    An unconstrained row stays ``-1``; a token that is not an edge of the node (never chosen under ``trie_mask``)
+    leaves the row where it is, so a row never leaves its trie.
+    """
+    tokens, children = trie_edges(trie, node)
+    hit = tokens == token[:, None]
+    return jnp.where(hit.any(axis=-1), jnp.max(jnp.where(hit, children, -1), axis=-1), node)
