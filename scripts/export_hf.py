@@ -7,7 +7,10 @@ CKPT is a run's train.out_dir (holding checkpoints/) or a checkpoints directory;
 --step. --params ema exports the EMA target parameters (the Q heads, and the trunk with token_q.target_scope=full)
 in place of the online ones. --policy picks what the HF LM head computes (jaxrl_lm/interop: ilql and q are
 merged into it exactly, or refused with the reason). The tokenizer is the checkpoint config's data.tokenizer.
-The Q/V heads (and the target Q heads) go to OUT/q_heads.safetensors, described by OUT/q_heads.json.
+The Q/V heads (and the target Q heads) go to OUT/q_heads.safetensors, described by OUT/q_heads.json. OUT/README.md
+is a model card: task, method, key config, the run's evaluation table (its eval.jsonl or final_metrics.json) and
+the code that loads OUT and samples the learned policy (jaxrl_lm.interop.hf_generation for the ILQL / Q policy of
+any head).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxrl_lm.checkpoints import load_state_params
+from jaxrl_lm.checkpoints import load_state_params, run_dir
 from jaxrl_lm.interop import export_hf
 
 
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         params = online if args.params == "online" else {**online, **target}
         out = export_hf(params, cfg.model, args.out, tokenizer=cfg.data.tokenizer, policy=args.policy,
                         beta=args.beta, temperature=args.temperature, max_shard_size=args.max_shard_size,
-                        target_params=target, params_source=args.params)
+                        target_params=target, params_source=args.params, run_config=cfg,
+                        run_dir=run_dir(args.ckpt), step=step)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
