@@ -196,8 +196,9 @@ TRAINING_FIELDS = ("normalized_score", "mean_return", "success_rate", "mean_step
 
 def evaluate_training_policies(cfg: Config, params: Params, *, seed: int = 0) -> list[dict[str, Any]]:
     """Evaluates ``params`` as each policy of ``cfg.eval.policies`` on ``eval_task(cfg)`` with the ``eval``
-    section's knobs (what the training loop runs every ``eval.every`` steps). One result per policy, each
-    with ``"records"`` removed and ``"policy"`` describing its knobs."""
+    section's knobs (what the training loop runs every ``eval.every`` steps; ``eval.legal_actions`` decodes only
+    the env's legal actions). One result per policy, each with ``"records"`` removed and ``"policy"`` describing
+    its knobs."""
     e = cfg.eval
     task = eval_task(cfg)
     results = []
@@ -205,6 +206,8 @@ def evaluate_training_policies(cfg: Config, params: Params, *, seed: int = 0) ->
         # The utterance policy samples its candidates (eval.candidate_temperature) and picks the best by Q.
         sampled = dict(best_of=e.candidates, temperature=e.candidate_temperature) if kind == "utterance" else \
             dict(temperature=e.temperature)
+        if e.legal_actions:  # constrained decoding: each turn is one of the env's legal actions
+            sampled["actions"] = transcript_legal_actions
         result = evaluate_params(cfg, params, task, episodes=e.episodes or None, batch_size=e.batch_size,
                                  kind=kind, beta=e.beta, max_new_tokens=e.max_new_tokens, seed=seed, **sampled)
         result.pop("records")

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-seed", type=int, default=None,
                         help="of a run of several seeds trained together, evaluate this one; default: each")
     parser.add_argument("--out", type=Path, default=None, help="report directory; default <run>/eval")
+    parser.add_argument("--legal-actions", action="store_true",
+                        help="on a task with legal actions (wordle, twenty_questions, endgames): report the legal-move "
+                             "rate, and the same policy again decoding only legal actions (columns 'constrained')")
     return parser.parse_args(argv)
 
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                              max_new_tokens=args.max_new_tokens, seed=args.seed,
                              max_turns=args.max_turns or envs.get_task(args.task).context_turns)
         result = evaluate_policy(policy, args.task, episodes=args.episodes, task_stats=stats,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, legality=args.legal_actions)
         result.update(checkpoint=str(args.checkpoint), step=step, **({} if seed is None else {"train_seed": seed}))
         results.append(result)
     name = f"{args.task}_{args.policy}_step{step}" + ("" if args.train_seed is None else f"_seed{args.train_seed}")

@@ -5,6 +5,7 @@ action sets and random BPE / byte tokenizers), decoding without a trie is bitwis
 evaluation with legal actions, and a 13 000-action trie under SmolLM2's 49 152-token vocabulary."""
 
 import functools
+import json
 import time
 
 import chex
@@ -373,3 +374,23 @@ def test_thirteen_thousand_actions_under_the_smollm2_tokenizer():
     token = np.asarray(sample_tokens(jax.random.key(1), scores, 0.0, 0, 1.0, mask))
     root_tokens = set(trie.tokens[trie.offsets[0]:trie.offsets[1]].tolist())
     assert set(token[:3].tolist()) <= root_tokens and np.asarray(mask)[:3].sum(1).tolist() == [len(root_tokens)] * 3
+
+
+def test_training_evaluation_and_the_evaluate_script_decode_only_legal_actions(tmp_path):
+    """eval.legal_actions through the loop's entry point (a 2-step run evaluated at its end) and
+    scripts/evaluate.py --legal-actions on the run it wrote: every turn is one of twenty questions' actions."""
+    from jaxrl_lm.config import load_config
+    from jaxrl_lm.experiments import run as run_lib
+    from script_loader import load_script
+
+    cfg = load_config("configs/tasks/twenty_questions.yaml", model__d_model=32, model__n_layers=1,
+                      data__task_episodes=64, train__steps=2, train__log_every=1, train__out_dir=str(tmp_path / "run"),
+                      eval__every=2, eval__episodes=4, eval__policies=["ilql"], eval__legal_actions=True)
+    run_lib.run(cfg, progress=False)
+    (line,) = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert line["policy"]["actions"]  # the policy was built with the env's legal actions
+    evaluate = load_script("evaluate")
+    assert evaluate.main([str(tmp_path / "run"), "--task", "twenty_questions", "--episodes", "4", "--beta", "4",
+                          "--legal-actions", "--out", str(tmp_path / "ev")]) == 0
+    (report,) = json.loads(next((tmp_path / "ev").glob("*.json")).read_text())
+    assert 0.0 <= report["legal_rate"] <= 1.0 and report["constrained"]["legal_rate"] == 1.0
