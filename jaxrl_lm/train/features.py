@@ -1,8 +1,8 @@
 """Cached trunk features: a frozen trunk bottom's output, computed once per dataset and read back in training.
 
 With ``train.frozen_layers`` the bottom of the trunk never changes, so its output for a token depends only on the
-token's episode window (attention and positions stay inside a packed row's segment): it can be computed once, one
-window per row, and packed beside the tokens later. ``data.feature_cache: DIR`` does that: the training loop
+token's episode window (attention and positions stay inside a packed row's segment): it can be computed once, the
+windows packed into rows as training packs them, and packed beside the tokens again in any later order. ``data.feature_cache: DIR`` does that: the training loop
 builds the cache on its first run (a pass over the data with a progress bar) and every run after reads it, so a
 step runs the trained blocks and the heads only (``QTransformer.hidden_from_features``). With ``frozen_layers:
 -1`` a step is the heads alone.
@@ -34,6 +34,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from jaxrl_lm.batch import BATCH_FIELDS, trunk_inputs
 from jaxrl_lm.config import Config, ConfigError
 from jaxrl_lm.data.loader import TOKEN_INDEX, IndexedSource
-from jaxrl_lm.data.packing import pad_row
+from jaxrl_lm.data.packing import fill_batch, rows_dataset
 from jaxrl_lm.models import Params, model_graphdef
 from jaxrl_lm.models.partition import Partition
 from jaxrl_lm.rl.objective import data_feed, get_objective
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 FEATURES = "features"  # the batch field: [B, L, D] float32
 _STORAGE = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2")}  # bfloat16 is stored as its raw 16 bits
-_ROWS = 16  # windows per jitted pass of the builder
+_ROWS = 16  # packed rows per jitted pass of the builder
 
 
 def check_supported(cfg: Config, *, online: bool, process_count: int) -> None:
@@ -142,7 +143,8 @@ class FeatureStore:
 
 def build(cfg: Config, params: Params, source: IndexedSource, directory: str | Path, ident: Mapping[str, Any], *,
           progress: bool = True) -> FeatureStore:
-    """Computes every token's feature (one window per row, ``QTransformer.trunk_features``) into ``directory``."""
+    """Computes every token's feature (``QTransformer.trunk_features`` over the windows packed into rows) into
+    ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "meta.json").unlink(missing_ok=True)  # incomplete until the pass ends
@@ -156,18 +158,20 @@ def build(cfg: Config, params: Params, source: IndexedSource, directory: str | P
         model = nnx.merge(graphdef, params)
         return model.trunk_features(batch["tokens"], *trunk_inputs(batch, cfg.model.context), frozen)
 
-    bar = tqdm(total=len(source), disable=not progress, unit="window", desc=f"feature cache {directory}")
-    for first in range(0, len(source), _ROWS):
-        indices = range(first, min(first + _ROWS, len(source)))
-        rows = [pad_row(source[i], cfg.data.seq_len, 0) for i in indices]
-        rows += [rows[-1]] * (_ROWS - len(rows))  # one compiled shape; the copies are not written
-        batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in BATCH_FIELDS}
-        h = np.asarray(forward(params, batch))
-        for row, i in enumerate(indices):
-            start, end = int(source.offsets[i]), int(source.offsets[i + 1])
-            values = h[row, : end - start]
-            table[start:end] = values.astype(ml_dtypes.bfloat16).view(storage) if storage.kind == "u" else values
-        bar.update(len(indices))
+    # Windows packed first-fit into rows, as training packs them (a token's feature does not depend on its row);
+    # each row's token_index says where its tokens' features go.
+    windows = grain.MapDataset.source(source).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    rows = rows_dataset(windows, seq_len=cfg.data.seq_len, rows=_ROWS, pad_id=0, pack=True,
+                        extra={TOKEN_INDEX: np.dtype(np.int32)}).batch(_ROWS)
+    bar = tqdm(total=tokens, disable=not progress, unit="token", unit_scale=True, desc=f"feature cache {directory}")
+    for batch in rows:
+        batch = fill_batch(batch, _ROWS, 0)  # one compiled shape
+        h = np.asarray(forward(params, {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS}))
+        index = batch[TOKEN_INDEX]
+        real = index > 0
+        values = h[real]
+        table[index[real] - 1] = values.astype(ml_dtypes.bfloat16).view(storage) if storage.kind == "u" else values
+        bar.update(int(real.sum()))
     bar.close()
     table.flush()
     del table
