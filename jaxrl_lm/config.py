@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -25,8 +26,11 @@ import yaml
 
 from jaxrl_lm.topology import TopologyError, parse_topology
 
-# Scientific notation YAML 1.1 leaves as a string ("1e-3", "-2E+4").
-_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# Scientific notation YAML 1.1 leaves as a string ("1e-3", "-2E+4"). Written so that no text backtracks (the
+# looser "\d+\.?\d*" took quadratic time on a long run of digits: minutes for 100k of them).
+_FLOAT_TEXT = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+")
+# Integers are stored and used as 64-bit (seeds, sizes, step counts): a larger value is an error, not a wrap.
+_INT_RANGE = (-(2**63), 2**63 - 1)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -303,31 +307,39 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
                 if len(inner) == 1:
                     raise
         names = " or ".join(_describe(a) for a in args)
-        raise ConfigError(f"{key}: expected {names}, got {value!r}{where}")
+        raise ConfigError(f"{key}: expected {names}, got {_show(value)}{where}")
     if origin is tuple:
         return _check_tuple(key, typing.get_args(tp), value, where)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{where}")
+            raise ConfigError(f"{key}: {_show(value)} is not one of {list(allowed)}{where}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}{where}")
+            raise ConfigError(f"{key}: expected true/false, got {_show(value)}{where}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}{where}")
+            raise ConfigError(f"{key}: expected an integer, got {_show(value)}{where}")
+        if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+            raise ConfigError(f"{key}: {_show(value)} is outside the 64-bit integer range{where}")
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is plainly a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}{where}")
-        return float(value)
+            raise ConfigError(f"{key}: expected a number, got {_show(value)}{where}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not math.isfinite(number):  # .nan / .inf pass every range check below (nan < 0 is False)
+            raise ConfigError(f"{key}: expected a finite number, got {_show(value)}{where}")
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}{where}")
+            raise ConfigError(f"{key}: expected a string, got {_show(value)}{where}")
         return value
     raise ConfigError(f"{key}: unsupported field type {tp}")  # a programming error in this file
 
@@ -335,15 +347,32 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
 def _check_tuple(key: str, args: tuple, value: Any, where: str) -> tuple:
     """A YAML list as a tuple: ``tuple[X, ...]`` (any length) or ``tuple[X, Y]`` (exactly these items)."""
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{key}: expected a list, got {value!r}{where}")
+        raise ConfigError(f"{key}: expected a list, got {_show(value)}{where}")
     if len(args) == 2 and args[1] is Ellipsis:
         args = (args[0],) * len(value)
     elif len(value) != len(args):
-        raise ConfigError(f"{key}: expected a list of {len(args)} items, got {value!r}{where}")
+        raise ConfigError(f"{key}: expected a list of {len(args)} items, got {_show(value)}{where}")
     return tuple(_check_value(f"{key}[{i}]", t, v, where) for i, (t, v) in enumerate(zip(args, value)))
 
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", type(None): "null"}
+
+
+def _bounded_repr() -> reprlib.Repr:
+    r = reprlib.Repr()  # Python 3.11's Repr takes no constructor arguments
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxstring, r.maxother, r.maxlong = 3, 8, 8, 8, 80, 80, 40
+    return r
+
+
+_REPR = _bounded_repr()
+
+
+def _show(value: Any) -> str:
+    """A bounded repr for messages: a YAML value may be huge, or (through aliases) exponentially large."""
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an integer past Python's 4300-digit str() limit
+        return f"<a {type(value).__name__} too large to print>"
 
 
 def _describe(tp: Any) -> str:
@@ -362,19 +391,21 @@ def _build_config(values: dict[str, Any], sources: dict[str, str]) -> Config:
     builtin = {f.name for f in dataclasses.fields(Config)} - {"sections"}
     values = dict(values)
     sections = {}
-    for name in sorted(set(values) - builtin):
+    for name in sorted(set(values) - builtin, key=str):  # YAML keys may be numbers or null too
         if name not in _SECTIONS:
-            where = f" (from {sources[name]})" if name in sources else ""
-            raise ConfigError(f"unknown config key {name!r}{where}; known sections: {sorted(builtin)} and the "
+            where = f" (from {sources[str(name)]})" if str(name) in sources else ""
+            raise ConfigError(f"unknown config key {_show(name)}{where}; known sections: {sorted(builtin)} and the "
                               f"objective sections {sorted(_SECTIONS)}")
         value = values.pop(name)
         if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping of {_SECTIONS[name].__name__} fields, got {value!r}")
+            where = f" (from {sources[name]})" if name in sources else ""
+            raise ConfigError(f"{name}: expected a mapping of {_SECTIONS[name].__name__} fields, got "
+                              f"{_show(value)}{where}")
         sections[name] = _build(_SECTIONS[name], value, f"{name}.", sources)
     cfg = _build(Config, values, "", sources)
     if cfg.rl.objective not in _SECTIONS:
         where = f" (from {sources['rl.objective']})" if "rl.objective" in sources else ""
-        raise ConfigError(f"rl.objective: {cfg.rl.objective!r} is not a registered objective{where}; registered: "
+        raise ConfigError(f"rl.objective: {_show(cfg.rl.objective)} is not a registered objective{where}; registered: "
                           f"{sorted(_SECTIONS)}")
     sections.setdefault(cfg.rl.objective, _SECTIONS[cfg.rl.objective]())
     return dataclasses.replace(cfg, sections=tuple(sorted(sections.items())))
@@ -388,11 +419,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str, sources: dict[str, st
         key = f"{prefix}{name}"
         where = f" (from {sources[key]})" if key in sources else ""
         if name not in fields:
-            raise ConfigError(f"unknown config key {key!r}{where}; known keys here: {sorted(fields)}")
+            raise ConfigError(f"unknown config key {_show(key)}{where}; known keys here: {sorted(fields)}")
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}{where}")
+                raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {_show(value)}{where}")
             kwargs[name] = _build(tp, value, f"{key}.", sources)
         else:
             kwargs[name] = _check_value(key, tp, value, where)
@@ -400,10 +431,12 @@ def _build(cls: type, values: dict[str, Any], prefix: str, sources: dict[str, st
 
 
 def _merge(base: dict, new: dict, sources: dict[str, str], origin: str, prefix: str = "") -> dict:
+    """Sections merge key by key; a field's value (never a mapping in a valid config) is replaced whole, so a
+    nested or self-referencing YAML value (aliases) is never walked."""
     out = dict(base)
     for k, v in new.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if not prefix and isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v, sources, origin, f"{key}.")
         else:
             out[k] = v
@@ -412,28 +445,47 @@ def _merge(base: dict, new: dict, sources: dict[str, str], origin: str, prefix: 
 
 
 def _record(value: Any, key: str, sources: dict[str, str], origin: str) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _record(v, f"{key}.{k}", sources, origin)
-    else:
-        sources[key] = origin
+    """Notes where ``key`` and, for a section, each of its fields came from (no deeper: see ``_merge``)."""
+    sources[key] = origin
+    if isinstance(value, dict) and "." not in key:
+        for k in value:
+            sources[f"{key}.{k}"] = origin
 
 
 def _read_yaml(path: Path, sources: dict[str, str], seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
+    included = f" (included from {seen[-1]})" if seen else ""
+    try:
+        path = path.resolve()
+        found = path.is_file()
+    except (OSError, ValueError) as e:  # e.g. a NUL character in an include's name
+        raise ConfigError(f"config file {_show(str(path))} is not a usable path ({e}){included}") from None
     if path in seen:
         raise ConfigError(f"{path}: include cycle through {[str(p) for p in seen]}")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    if not found:
+        raise ConfigError(f"config file not found: {path}{included}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        data = path.read_bytes()
+        raw = yaml.safe_load(data.decode("utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); config files must be "
+                          f"UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not readable YAML: nested too deeply") from None
+    except ValueError as e:  # PyYAML's int(): a literal beyond Python's 4300-digit conversion limit
+        raise ConfigError(f"{path}: not readable YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     includes = raw.pop("include", [])
     if isinstance(includes, str):
         includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(inc, str) and inc for inc in includes):
+        raise ConfigError(f"include: expected a file name or a list of file names, got {_show(includes)} "
+                          f"(from {path})")
     merged: dict = {}
     for inc in includes:
         merged = _merge(merged, _read_yaml(path.parent / inc, sources, seen + (path,)), sources, str(path.parent / inc))
@@ -449,6 +501,10 @@ def _parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {_show(key)}: the value is nested too deeply to read") from None
+    except ValueError as e:  # PyYAML's int(): a literal beyond Python's 4300-digit conversion limit
+        raise ConfigError(f"override {_show(key)}: the value cannot be read: {e}") from None
     return key, value
 
 
@@ -483,11 +539,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {key!r} is given more than once")
         seen.add(key)
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {_show(key)}: an empty name; expected section.key=value")
         node = tree
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
+            sources.setdefault(".".join(parts[:i + 1]), "override")  # a section the override brings in
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+                raise ConfigError(f"override {_show(key)}: {p!r} is not a section")
         node[parts[-1]] = value
         sources[key] = "override"
     cfg = _build_config(tree, sources)
@@ -499,6 +558,8 @@ def replace(cfg: Config, **kw: Any) -> Config:
     """A copy of ``cfg`` with ``section__field=value`` replacements, validated like a loaded config."""
     tree = cfg.to_dict()
     for k, v in kw.items():
+        if "__" not in k:
+            raise ConfigError(f"replace: keyword {k!r} is not of the form section__field")
         section, field = k.split("__", 1)
         tree.setdefault(section, {})[field] = v
     new = _build_config(tree, {})

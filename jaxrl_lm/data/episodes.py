@@ -11,27 +11,88 @@ Schema of one line::
 - ``id``: non-empty string, unique within one read.
 - ``turns``: non-empty list; ``role`` is ``"observation"`` (the environment's text) or ``"action"`` (the agent's);
   ``text`` is a string (may be empty); ``reward`` (a finite number, default 0) is allowed on action turns only.
-  At least one turn must be an action turn.
+  At least one turn must be an action turn. Rewards, and the episode's return, must fit in float32 (the token
+  arrays store them so: a larger number would silently become infinite there).
 - ``done``: true when the episode really ended (terminal), false when it was cut off (truncated).
 - ``meta``: optional object, passed through untouched.
 
-Unknown keys are errors (a misspelt ``"reward"`` must not silently become 0). Blank lines are not episodes and
-are ignored. Every problem is reported as ``file:line: field: reason``: strict mode raises ``EpisodeError`` on
-the first one; ``skip_invalid`` mode records a ``Rejection`` per bad line and goes on.
+Unknown keys are errors (a misspelt ``"reward"`` must not silently become 0), and so is a key given twice in one
+object (JSON parsers keep the last value and drop the other unseen). Texts and ids must be valid Unicode (a lone
+surrogate such as ``"\\ud800"`` is not; no tokenizer can encode it).
+
+Files are UTF-8, split into lines at ``\\n`` (line numbers are what ``grep -n`` and ``sed -n`` count); a trailing
+``\\r`` (CRLF files) is whitespace, and a UTF-8 byte order mark at the start of the file is skipped. Blank lines
+(only spaces, tabs, CR) are not episodes and are ignored; every other line is one record, and every record either
+becomes an ``Episode`` or is reported, never dropped unseen. Every problem is reported as ``file:line: field:
+reason`` (a line that is not valid UTF-8 too, as field ``encoding``): strict mode raises ``EpisodeError`` on the
+first one; ``skip_invalid`` mode records a ``Rejection`` per bad line and goes on.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import math
 import random
+import reprlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, NamedTuple
 
 ROLES = ("observation", "action")
 _EPISODE_KEYS = {"id", "turns", "done", "meta"}
 _TURN_KEYS = {"role", "text", "reward"}
+# Largest float32 magnitude: rewards are stored as float32 token arrays (jaxrl_lm.data.convert.TOKEN_FIELDS).
+FLOAT32_MAX = 3.4028234663852886e38
+_JSON_BLANK = b" \t\r\n"  # JSON's whitespace: a line of only these is blank
+
+
+def _bounded_repr() -> reprlib.Repr:
+    r = reprlib.Repr()  # Python 3.11's Repr takes no constructor arguments
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxstring, r.maxother, r.maxlong = 3, 6, 6, 6, 80, 80, 40
+    return r
+
+
+_REPR = _bounded_repr()
+
+
+def _show(value: Any) -> str:
+    """A bounded repr for messages: a line may hold megabytes, or structures nested hundreds deep."""
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an integer past Python's 4300-digit str() limit (from in-memory records)
+        return f"<a {type(value).__name__} too large to print>"
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _unknown_keys(obj: Mapping, allowed: set[str]) -> list[str]:
+    """The keys of ``obj`` outside ``allowed`` as field names, sorted; an in-memory dict may have keys of any
+    type (a non-string key is named by its repr)."""
+    return sorted(k if isinstance(k, str) else repr(k) for k in obj if k not in allowed)
+
+
+def _bad_unicode(text: str) -> str | None:
+    """Why ``text`` cannot be UTF-8 encoded (a lone surrogate, which JSON's ``\\udXXX`` escapes can produce)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start}"
+    return None
 
 
 # An episode as one JSON object (a JSONL line, or what the environments write): the plain-dict form of
@@ -84,7 +145,7 @@ class Episode:
 def _parse_turn(obj: Any, field: str, fail) -> Turn:
     if not isinstance(obj, dict):
         fail(field, f"a turn must be an object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - _TURN_KEYS)
+    unknown = _unknown_keys(obj, _TURN_KEYS)
     if unknown:
         fail(f"{field}.{unknown[0]}", f"unknown key (allowed: {sorted(_TURN_KEYS)})")
     role = obj.get("role")
@@ -94,14 +155,23 @@ def _parse_turn(obj: Any, field: str, fail) -> Turn:
         fail(f"{field}.text", "missing")
     if not isinstance(obj["text"], str):
         fail(f"{field}.text", f"must be a string, got {type(obj['text']).__name__}")
+    bad_text = _bad_unicode(obj["text"])
+    if bad_text:
+        fail(f"{field}.text", bad_text)
     reward = obj.get("reward", 0.0)
     if "reward" in obj and role == "observation":
         fail(f"{field}.reward", "rewards belong to action turns; observation turns carry none")
     if isinstance(reward, bool) or not isinstance(reward, (int, float)):
-        fail(f"{field}.reward", f"must be a number, got {reward!r}")
-    if not math.isfinite(reward):
-        fail(f"{field}.reward", f"must be finite, got {reward!r}")
-    return Turn(role=role, text=obj["text"], reward=float(reward))
+        fail(f"{field}.reward", f"must be a number, got {_show(reward)}")
+    try:
+        value = float(reward)
+    except OverflowError:  # an integer beyond any float
+        value = math.inf
+    if not math.isfinite(value):
+        fail(f"{field}.reward", f"must be finite, got {_show(reward)}")
+    if abs(value) > FLOAT32_MAX:
+        fail(f"{field}.reward", f"must fit in float32 (magnitude at most {FLOAT32_MAX:.4g}), got {_show(reward)}")
+    return Turn(role=role, text=obj["text"], reward=value)
 
 
 def parse_episode(obj: Any, *, path: str = "<memory>", line: int = 0) -> Episode:
@@ -112,50 +182,77 @@ def parse_episode(obj: Any, *, path: str = "<memory>", line: int = 0) -> Episode
 
     if not isinstance(obj, dict):
         fail("episode", f"a line must hold a JSON object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - _EPISODE_KEYS)
+    unknown = _unknown_keys(obj, _EPISODE_KEYS)
     if unknown:
         fail(unknown[0], f"unknown key (allowed: {sorted(_EPISODE_KEYS)})")
     ep_id = obj.get("id")
     if not isinstance(ep_id, str) or not ep_id:
-        fail("id", f"must be a non-empty string, got {ep_id!r}")
+        fail("id", f"must be a non-empty string, got {_show(ep_id)}")
+    bad_id = _bad_unicode(ep_id)
+    if bad_id:
+        fail("id", bad_id)
     turns = obj.get("turns")
     if not isinstance(turns, list) or not turns:
-        fail("turns", f"must be a non-empty list, got {turns!r}"[:200])
+        fail("turns", f"must be a non-empty list, got {_show(turns)}")
     parsed = tuple(_parse_turn(t, f"turns[{i}]", fail) for i, t in enumerate(turns))
     if not any(t.role == "action" for t in parsed):
         fail("turns", "no action turn: an episode needs at least one agent turn to learn from")
+    total = math.fsum(t.reward for t in parsed)
+    if abs(total) > FLOAT32_MAX:
+        fail("turns", f"the rewards sum to {total:.4g}, beyond float32 (magnitude at most {FLOAT32_MAX:.4g})")
     done = obj.get("done")
     if not isinstance(done, bool):
-        fail("done", f"must be true (terminal) or false (cut off), got {done!r}")
+        fail("done", f"must be true (terminal) or false (cut off), got {_show(done)}")
     meta = obj.get("meta", {})
     if not isinstance(meta, dict):
         fail("meta", f"must be an object, got {type(meta).__name__}")
     return Episode(id=ep_id, turns=parsed, done=done, meta=meta, source=f"{path}:{line}")
 
 
-def jsonl_records(path: str | Path) -> Iterator[tuple[str, int, str]]:
-    """``(path, line_number, text)`` for every non-blank line of a JSONL file; line numbers start at 1."""
+def jsonl_records(path: str | Path) -> Iterator[tuple[str, int, bytes]]:
+    """``(path, line_number, raw bytes)`` for every non-blank line of a JSONL file; line numbers start at 1.
+
+    Lines are split at ``\\n`` only and kept undecoded: ``iter_episodes`` decodes each one, so a line that is
+    not UTF-8 is reported with its own file and line like any other invalid record.
+    """
     path = str(path)
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
-            if text.strip():
-                yield path, n, text
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            if raw.strip(_JSON_BLANK):
+                yield path, n, raw
 
 
-def _decode(path: str, line: int, raw: str | Mapping) -> Any:
+def _decode(path: str, line: int, raw: str | bytes | Mapping) -> Any:
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise EpisodeError(path, line, "encoding",
+                               f"not valid UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line "
+                               f"({e.reason}); episode files must be UTF-8") from None
     if not isinstance(raw, str):
         return raw
     try:
-        return json.loads(raw)
+        return _DECODER.decode(raw)
     except json.JSONDecodeError as e:
         raise EpisodeError(path, line, "json", f"not valid JSON: {e.msg} at column {e.colno}") from None
+    except _DuplicateKey as e:
+        raise EpisodeError(path, line, "json", f"key {_show(e.key)} appears twice in one object (JSON readers "
+                                               f"keep only the last value)") from None
+    except RecursionError:
+        raise EpisodeError(path, line, "json", "not readable JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer literal beyond Python's 4300-digit conversion limit
+        raise EpisodeError(path, line, "json", f"not readable JSON: {e}") from None
 
 
 def iter_episodes(
-    records: Iterable[tuple[str, int, str | Mapping]], *, skip_invalid: bool = False,
+    records: Iterable[tuple[str, int, str | bytes | Mapping]], *, skip_invalid: bool = False,
     rejected: list[Rejection] | None = None,
 ) -> Iterator[Episode]:
-    """Validated episodes from ``(path, line, raw)`` records, raw being a JSON string or a decoded object.
+    """Validated episodes from ``(path, line, raw)`` records, raw being JSON text (``str``, or UTF-8 ``bytes`` as
+    ``jsonl_records`` gives) or a decoded object.
 
     Ids must be unique across all records. In ``skip_invalid`` mode each bad record is appended to ``rejected``
     (required then) and skipped; otherwise the first one raises ``EpisodeError``.
@@ -167,7 +264,7 @@ def iter_episodes(
         try:
             ep = parse_episode(_decode(path, line, raw), path=path, line=line)
             if ep.id in first_seen:
-                raise EpisodeError(path, line, "id", f"duplicate id {ep.id!r}, first seen at {first_seen[ep.id]}")
+                raise EpisodeError(path, line, "id", f"duplicate id {_show(ep.id)}, first seen at {first_seen[ep.id]}")
         except EpisodeError as e:
             if not skip_invalid:
                 raise

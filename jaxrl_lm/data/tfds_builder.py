@@ -75,8 +75,7 @@ class JaxrlEpisodes(tfds.core.GeneratorBasedBuilder):
         assert tok is not None and self._jsonl is not None
         records = jsonl_records(self._jsonl)
         if self._progress:
-            with open(self._jsonl, encoding="utf-8") as f:
-                total = sum(1 for line in f if line.strip())
+            total = sum(1 for _ in jsonl_records(self._jsonl))  # undecoded: a bad byte is reported by its line
             records = tqdm.tqdm(records, total=total, desc=f"episodes from {Path(self._jsonl).name}", unit="ep")
         episodes = iter_episodes(records, skip_invalid=self._skip_invalid, rejected=self.stats.rejected)
         tokenized = tokenize_episodes(episodes, tok, seq_len=self._seq_len, truncate_side=self._truncate_side,

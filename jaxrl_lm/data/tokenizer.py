@@ -173,7 +173,11 @@ def _load_hf_directory(path: Path) -> Tokenizer:
     # transformers is slow to import; only directories with a HF config need it.
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    try:
+        hf = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises JSON, type, value and OS errors that do not name the directory
+        raise ValueError(f"data.tokenizer: {path}: not a loadable Hugging Face tokenizer directory: "
+                         f"{type(e).__name__}: {e}") from e
     declared = {"bos": hf.bos_token, "eos": hf.eos_token, "pad": hf.pad_token}
     backend = hf.backend_tokenizer
     return Tokenizer(backend, specials=_conventional_specials(backend, declared, str(path)), name=str(path))
@@ -192,7 +196,10 @@ def load_tokenizer(path: str | Path = "") -> Tokenizer:
         p = p / "tokenizer.json"
     if not p.is_file():
         raise FileNotFoundError(f"data.tokenizer: no tokenizer.json or Hugging Face tokenizer directory at {path}")
-    backend = tokenizers.Tokenizer.from_file(str(p))
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(p))
+    except Exception as e:  # the Rust library raises a bare Exception ("expected value at line 1 column 1")
+        raise ValueError(f"data.tokenizer: {p}: not a valid tokenizer.json: {e}") from e
     return Tokenizer(backend, specials=_conventional_specials(backend, {}, str(p)), name=str(p))
 
 
