@@ -43,6 +43,49 @@ class ConfigError(ValueError):
 # Sections. Every field is documented in configs/base.yaml, beside its default.
 
 
+# LoRA targets per block family (jaxrl_lm.models.blocks): each projection by its path inside a block (Hugging
+# Face's names), grouped. ``model.lora.targets`` names groups, paths, or a path's last part where that is unique.
+LORA_PROJECTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "gpt2": {"attention": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")},
+    "llama": {"attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+              "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the trunk's projections (``jaxrl_lm.models.layers.LoraLinear``): a targeted projection
+    computes ``x W + b + (alpha / rank) (x A) B``; with ``rank > 0`` only ``A``, ``B`` and the heads train."""
+
+    rank: int = 0  # 0 = off: the model and its parameters are exactly those without adapters
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("attention", "mlp")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def projections(self, family: str) -> tuple[str, ...]:
+        """The targeted projections of a ``family`` block, as paths inside the block, in the block's order.
+
+        Raises a ConfigError naming ``model.lora.targets`` for a target the family does not have.
+        """
+        groups = LORA_PROJECTIONS[family]
+        every = tuple(p for paths in groups.values() for p in paths)
+        chosen = set()
+        for target in self.targets:
+            named = [p for p in every if p.rsplit(".", 1)[-1] == target]
+            if target in groups:
+                chosen.update(groups[target])
+            elif target in every or len(named) == 1:
+                chosen.add(target if target in every else named[0])
+            else:
+                why = f"names {named}: say which" if named else f"is not a {family} projection"
+                raise ConfigError(f"model.lora.targets: {_show(target)} {why}; choose groups {sorted(groups)} or "
+                                  f"projections {list(every)} (or a path's last part where it is unique)")
+        return tuple(p for p in every if p in chosen)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: Literal["gpt2", "llama"] = "gpt2"
@@ -69,6 +112,8 @@ class ModelConfig:
     # What a hidden state reads: the whole episode so far, or only the latest observation turn (a fully observed
     # task's Markov state; jaxrl_lm.batch.trunk_inputs, jaxrl_lm.model_policy)
     context: Literal["history", "observation"] = "history"
+    # LoRA adapters on the trunk (rank 0 = none); the parameters' layout depends on it, so it belongs to the model
+    lora: LoraConfig = LoraConfig()
 
     @property
     def padded_vocab_size(self) -> int:
@@ -632,12 +677,32 @@ def validate(cfg: Config) -> None:
     if not -1 <= cfg.train.frozen_layers <= m.n_layers:
         raise ConfigError(f"train.frozen_layers must be -1 (the whole trunk), 0 (nothing) or a number of bottom "
                           f"blocks up to model.n_layers ({m.n_layers}), got {cfg.train.frozen_layers}")
+    validate_lora(cfg)
     for name, settings in cfg.sections:
         if hasattr(settings, "validate"):
             settings.validate(name)
     validate_mesh(cfg.mesh)
     validate_eval(cfg)
     validate_online(cfg)
+
+
+def validate_lora(cfg: Config) -> None:
+    """``model.lora``, and its coherence with ``train.frozen_layers``; each error names the key."""
+    lora, m = cfg.model.lora, cfg.model
+    if lora.rank < 0:
+        raise ConfigError(f"model.lora.rank must be >= 0 (0 = no adapters), got {lora.rank}")
+    lora.projections(m.family)  # every target named, even while rank is 0: a typo should not wait
+    if not lora.rank:
+        return
+    if lora.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha must be positive (the update is scaled by alpha / rank), got {lora.alpha}")
+    if not lora.targets:
+        raise ConfigError("model.lora.targets is empty: name the projections that get adapters (e.g. [attention, "
+                          "mlp]), or set model.lora.rank: 0")
+    if cfg.train.frozen_layers in (-1, m.n_layers):
+        raise ConfigError(f"train.frozen_layers ({cfg.train.frozen_layers}) freezes every block, so the LoRA factors "
+                          f"of model.lora.rank ({lora.rank}) would never train: freeze fewer blocks, or set "
+                          f"model.lora.rank: 0")
 
 
 def eval_task(cfg: Config) -> str:

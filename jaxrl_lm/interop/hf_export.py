@@ -19,6 +19,11 @@ bias). ``policy="bc"`` exports the LM head itself (the behaviour-cloning policy)
 for every policy, and ``jaxrl_lm.interop.hf_generation.ValueGuidedLogitsProcessor`` samples the ILQL or Q policy
 of any head from them in ``model.generate`` (an optional extra that needs torch; nothing here imports it).
 
+LoRA adapters (``model.lora.rank > 0``) are merged into the weights they adapt before anything is written:
+each targeted kernel becomes ``W + (alpha / rank) A B`` and the factors are dropped
+(``jaxrl_lm.models.partition.merge_adapters``), so the directory is a plain causal LM of the same architecture
+and ``import_hf`` of it gives a model without adapters (``model.lora.rank`` 0) that computes the same logits.
+
 Model card (``model_card``). Every export writes ``README.md``: what the model is, the task and method (the
 run's objective and the policy kind to sample), the key config, the run's evaluation table when the run
 directory has one (``eval.jsonl`` of the evaluation hook, else the ``eval/...`` entries of ``final_metrics.json``)
@@ -36,13 +41,14 @@ import jax
 import numpy as np
 import yaml
 
-from jaxrl_lm.config import Config, ModelConfig, eval_task
+from jaxrl_lm.config import Config, LoraConfig, ModelConfig, eval_task
 from jaxrl_lm.data.tokenizer import Tokenizer, save_tokenizer
 from jaxrl_lm.interop.heads_file import write_heads
 from jaxrl_lm.interop.hf_config import config_to_hf
 from jaxrl_lm.interop.names import get_path, lm_rows, rules
 from jaxrl_lm.interop.safetensors_io import save_weights
 from jaxrl_lm.models import Params
+from jaxrl_lm.models.partition import merge_adapters
 from jaxrl_lm.rl.policy_extraction import merged_policy_weights
 
 
@@ -98,7 +104,7 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, *,
 
     Args:
       params: the pure parameter dict (``TrainState.params``, or online params with the EMA groups swapped in).
-      cfg: its ModelConfig.
+      cfg: its ModelConfig. LoRA factors (``cfg.lora.rank > 0``) are merged into their kernels (module docstring).
       out_dir: created if needed; an earlier export's weight files there are replaced.
       tokenizer: see ``jaxrl_lm.data.save_tokenizer``; None writes no tokenizer.
       policy: what the HF LM head computes: ``"bc"`` or ``"actor"`` (the LM head itself: an actor-critic's LM
@@ -131,6 +137,8 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+    adapters = cfg.lora
+    params, cfg = merge_adapters(params, cfg)  # from here on, a plain model without adapters
     tensors = trunk_to_hf(cfg, params)
     tie, original_lm = cfg.tie_embeddings, None
     if policy not in ("bc", "actor"):  # refused here, before anything is written, when the merge is not exact
@@ -160,7 +168,7 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, *,
                         "tie_word_embeddings_exported": tie})
     card = model_card(cfg, out, policy=policy, beta=beta, temperature=temperature, tokenizer=tok,
                       params_source=params_source, run_config=run_config, evaluations=evaluations,
-                      final_metrics=final_metrics, step=step)
+                      final_metrics=final_metrics, step=step, adapters=adapters)
     (out / CARD_FILE).write_text(card)
     return out
 
@@ -318,8 +326,9 @@ def _plain(tree: Mapping[str, Any]) -> dict[str, Any]:
 def model_card(cfg: ModelConfig, out: Path, *, policy: str, beta: float, temperature: float,
                tokenizer: Optional[Tokenizer], params_source: str, run_config: Optional[Config] = None,
                evaluations: Sequence[Mapping[str, Any]] = (), final_metrics: Optional[Mapping[str, Any]] = None,
-               step: Optional[int] = None) -> str:
-    """The ``README.md`` of an export (module docstring): Markdown with Hugging Face's YAML front matter."""
+               step: Optional[int] = None, adapters: Optional[LoraConfig] = None) -> str:
+    """The ``README.md`` of an export (module docstring): Markdown with Hugging Face's YAML front matter.
+    ``adapters``: the run's ``model.lora`` when it trained LoRA adapters (merged into the exported weights)."""
     objective = run_config.rl.objective if run_config is not None else None
     kind, beta, how = _card_policy(policy, beta, run_config)
     name = Path(run_config.train.out_dir).name if run_config is not None else out.name
@@ -346,11 +355,18 @@ def model_card(cfg: ModelConfig, out: Path, *, policy: str, beta: float, tempera
     text += ["## Method", ""]
     if objective is not None:
         text.append(f"- Objective: `{objective}`: {_OBJECTIVES.get(objective, 'a registered jaxrl_lm objective')}.")
+    if adapters is not None and adapters.rank:
+        targets = ", ".join(f"`{p}`" for p in adapters.projections(cfg.family))
+        text.append(f"- LoRA: adapters of rank {adapters.rank} (alpha {adapters.alpha:g}) on {targets} of every "
+                    f"block, trained on a frozen trunk, merged into the exported weights (`W + alpha / rank * A B`): "
+                    f"the directory is a plain causal LM.")
     text.append(f"- Exported `lm_head`: `{policy}`" + (f" (beta {beta:g}, temperature {temperature:g})"
                                                         if policy in ("ilql", "q") else "") + ".")
     text += [f"- Policy: {how}", "", "## Load and sample", "", "```python", _sampling_code(
         out, kind, beta, tokenizer, cfg, run_config), "```", ""]
     config = {"model": {k: getattr(cfg, k) for k in _MODEL_KEYS}}
+    if adapters is not None and adapters.rank:
+        config["model"]["lora"] = _plain(dataclasses.asdict(adapters))
     if run_config is not None:
         config["rl"] = _plain(dataclasses.asdict(run_config.rl))
         config[objective] = _plain(dataclasses.asdict(run_config.objective))

@@ -13,6 +13,10 @@ come from the name tables (``names``); the Q and V heads, which HF has no place 
   that. The V head is random either way.
 - ``None`` (default): the heads saved in ``q_heads.safetensors`` when the directory is a jaxrl_lm export, else
   ``"random"``.
+
+LoRA: HF directories hold plain weights (an export merges its adapters). An import whose config asks for
+adapters (``import_hf(dir, lora=LoraConfig(rank=8))``) gets fresh factors beside the imported weights
+(``with_fresh_adapters``: ``A`` from ``seed``, ``B = 0``), so it computes exactly the imported model.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrl_lm.config import ModelConfig
+from jaxrl_lm.config import LoraConfig, ModelConfig
 from jaxrl_lm.interop.heads_file import HEADS_JSON, read_heads
 from jaxrl_lm.interop.hf_config import ARCH_FIELDS, config_from_hf, with_overrides
 from jaxrl_lm.interop.names import HF_BASE_PREFIX, IGNORED, lm_rows, rules, set_path
 from jaxrl_lm.interop.safetensors_io import SafetensorsDir, flatten, read_json
 from jaxrl_lm.models import Params, build
 from jaxrl_lm.models.heads import QHeads, VHead
+from jaxrl_lm.models.partition import with_fresh_adapters
 
 
 def _pad_vocab(x: np.ndarray, axis: int, rows: int) -> np.ndarray:
@@ -134,7 +139,7 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, q_ini
     """Our full parameter dict (jax float32) from HF-named tensors: trunk + LM head imported, heads by ``q_init``.
 
     ``saved_heads`` (from ``read_heads``) supplies the heads for ``q_init=None`` and, always, the original LM
-    head of a merged-policy export.
+    head of a merged-policy export. With ``cfg.lora.rank > 0`` fresh LoRA factors (from ``seed``) are added.
     """
     trunk = trunk_from_hf(cfg, tensors, where)
     if saved_heads is not None and "lm_head" in saved_heads:
@@ -143,7 +148,7 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, q_ini
         heads = {k: saved_heads[k] for k in ("q_heads", "v_head")}
     else:
         heads = init_heads(cfg, trunk, q_init=q_init, seed=seed)
-    params = {**trunk, **heads}
+    params = with_fresh_adapters(cfg, {**trunk, **heads}, seed)
     _check_shapes(cfg, params, where)
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
 
@@ -171,6 +176,9 @@ def import_hf(hf_dir: str | Path, *, q_init: Optional[Literal["random", "lm_head
     if (hf_dir / HEADS_JSON).is_file():
         meta, saved_heads = read_heads(hf_dir)
         fields = dict(meta["model_config"])
+        if isinstance(fields.get("lora"), dict):  # JSON of a LoraConfig (rank 0: an export merges its adapters)
+            lora = fields["lora"]
+            fields["lora"] = LoraConfig(**{**lora, "targets": tuple(lora.get("targets", LoraConfig.targets))})
         cfg = with_overrides(fields, model_overrides, str(hf_dir / HEADS_JSON), ARCH_FIELDS)
     else:
         cfg = config_from_hf(hf_config, str(config_path), **model_overrides)

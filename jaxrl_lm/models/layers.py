@@ -4,7 +4,8 @@ masked attention over either the current tokens or a KV cache.
 Every parameter is float32 and carries logical axis names in its ``out_sharding`` metadata (read them with
 ``nnx.get_partition_spec``); the training code maps them to mesh axes with its rule table. Names used:
 ``vocab``, ``embed``, ``qkv``, ``heads``, ``kv_heads``, ``mlp``, ``layers`` (the stacked-block axis),
-``q_heads`` (the stacked Q-head axis) and ``None`` (never sharded).
+``q_heads`` (the stacked Q-head axis), ``lora_rank`` (a LoRA factor's rank axis: no rule by default, so
+unsharded; ``mesh.rules`` may map it) and ``None`` (never sharded).
 """
 
 from __future__ import annotations
@@ -22,17 +23,54 @@ def normal_init(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
+def _linear_args(d_in: int, d_out: int, names: Names, std: float, dtype: jnp.dtype, use_bias: bool) -> dict:
+    return dict(in_features=d_in, out_features=d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                kernel_init=normal_init(std), bias_init=nnx.initializers.zeros_init(),
+                kernel_metadata={"out_sharding": names}, bias_metadata={"out_sharding": names[-1:]})
+
+
 def dense(rngs: nnx.Rngs, d_in: int, d_out: int, names: Names, *, std: float, dtype: jnp.dtype,
           use_bias: bool = True) -> nnx.Linear:
     """An ``nnx.Linear`` with kernel ``[d_in, d_out]`` float32 ~ N(0, std), zero bias, computing in ``dtype``.
 
     Inputs and weights are cast to ``dtype`` at use, so bf16 compute needs no bf16 copy of the parameters.
     """
-    return nnx.Linear(
-        d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=normal_init(std), bias_init=nnx.initializers.zeros_init(),
-        kernel_metadata={"out_sharding": names}, bias_metadata={"out_sharding": names[-1:]}, rngs=rngs,
-    )
+    return nnx.Linear(**_linear_args(d_in, d_out, names, std, dtype, use_bias), rngs=rngs)
+
+
+# The LoRA factors' key: the block's own parameter key folded with this tag, far above any count of draws from
+# it, so drawing the factors takes nothing from the block's stream (``adapter_rngs``).
+ADAPTER_TAG = 0x4C6F5241
+LORA_FACTORS = ("lora_a", "lora_b")  # the parameter names of a LoraLinear's factors
+
+
+def adapter_rngs(rngs: nnx.Rngs) -> nnx.Rngs:
+    """A stream for LoRA factors derived from ``rngs.params``'s key without drawing from it: a LoRA model's base
+    weights are exactly those of the same seed's model without adapters."""
+    return nnx.Rngs(params=jax.random.fold_in(rngs.params.key[...], ADAPTER_TAG))
+
+
+class LoraLinear(nnx.Linear):
+    """``dense`` plus a low-rank update (LoRA): ``y = x W + b + (alpha / rank) (x A) B``.
+
+    ``lora_a [d_in, rank]`` ~ N(0, 1 / d_in) and ``lora_b [rank, d_out]`` = 0, both float32 with the logical
+    names ``(names[0], "lora_rank")`` and ``("lora_rank", names[-1])``: a fresh layer computes exactly
+    ``x W + b``. The update runs in the compute ``dtype`` like the base product, ``x A`` first (a ``[..., rank]``
+    intermediate: ``W + s A B`` is never formed). ``[..., d_in] -> [..., d_out]`` in ``dtype``.
+    """
+
+    def __init__(self, rngs: nnx.Rngs, adapters: nnx.Rngs, d_in: int, d_out: int, names: Names, *, std: float,
+                 dtype: jnp.dtype, use_bias: bool = True, rank: int, alpha: float):
+        super().__init__(**_linear_args(d_in, d_out, names, std, dtype, use_bias), rngs=rngs)
+        a = normal_init(1.0 / d_in ** 0.5)(adapters.params(), (d_in, rank), jnp.float32)
+        self.lora_a = nnx.Param(a, out_sharding=(names[0], "lora_rank"))
+        self.lora_b = nnx.Param(jnp.zeros((rank, d_out), jnp.float32), out_sharding=("lora_rank", names[-1]))
+        self.lora_scale = alpha / rank
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        y = super().__call__(inputs, out_sharding)
+        x, a, b = self.promote_dtype((inputs, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+        return y + self.lora_scale * ((x @ a) @ b)
 
 
 def embed(rngs: nnx.Rngs, num: int, dim: int, names: Names, *, std: float) -> nnx.Embed:

@@ -32,6 +32,7 @@ from jaxrl_lm import data, distributed
 from jaxrl_lm.checkpoints import load_params, run_seeds
 from jaxrl_lm.config import Config, ConfigError, to_yaml
 from jaxrl_lm.models import Params, model_graphdef
+from jaxrl_lm.models.partition import with_fresh_adapters
 from jaxrl_lm.train import checkpoint, features
 from jaxrl_lm.train.mesh import place_batch
 from jaxrl_lm.train.sharding import Parallelism, init_sharded_state, setup_parallelism
@@ -169,10 +170,12 @@ def state_layout(cfg: Config, par: Parallelism, seeds: Optional[tuple[int, ...]]
 def initial_params(cfg: Config, abstract_params: Params, seeds: Optional[tuple[int, ...]]) -> Params:
     """The parameters of ``train.init_from`` laid out for this run: one model, or a ``[N, ...]`` stack for
     ``seeds`` (a multi-seed source gives seed ``i`` its ``i``-th model and must hold the same seeds; a single
-    one is shared by every seed)."""
+    one is shared by every seed). A source without this model's LoRA factors (``model.lora``: a pretrained trunk
+    imported without adapters) gets the fresh factors of ``train.seed``, which leave its outputs unchanged."""
     source = cfg.train.init_from
     _, params, step = load_params(source)
     params = jax.device_get(params)  # host arrays: the jitted init places them on this run's shardings
+    params = with_fresh_adapters(cfg.model, params, cfg.train.seed)
     where = f"train.init_from {source!r} (step {step})"
     if jax.tree.structure(params) != jax.tree.structure(abstract_params):
         raise ConfigError(f"{where}: its parameters have the keys {sorted(params)} and another structure than "
