@@ -8,6 +8,9 @@ The one place that resolves a run directory. A run writes into ``train.out_dir``
     data/     the data loader's position (JSON)
     config/   the resolved config (JSON)
 
+Beside them the run keeps ``tokenizer/``, a copy of its tokenizer written when training starts (``RUN_TOKENIZER``), so
+that a run directory moved or shared without the repository's ``configs/`` still loads and acts.
+
 A checkpoint written before parameter groups existed holds ``target_params`` instead of ``groups``: it reads
 as ``groups["target"]``. This module sits below ``train/`` so that policies, evaluation and export load
 parameters without importing the training code::
@@ -19,6 +22,7 @@ parameters without importing the training code::
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -30,6 +34,7 @@ from jaxrl_lm.models import Params
 from jaxrl_lm.models.partition import Partition
 
 CHECKPOINT_SUBDIR = "checkpoints"
+RUN_TOKENIZER = "tokenizer"  # <train.out_dir>/tokenizer: the run's own copy, so a moved run directory still loads
 ITEMS = ("state", "data", "config", "replay")  # replay: an online run's buffer contents (absent offline)
 LEGACY_TARGET = "target_params"  # the field that held the EMA target before parameter groups
 
@@ -58,6 +63,17 @@ def run_seeds(path: str | Path) -> Optional[list[int]]:
     return json.loads(final.read_text()).get("seeds") if final.is_file() else None
 
 
+class _NoReadOnlyNotice(logging.Filter):
+    """Drops Orbax's "Given directory is read only" warning, which every read-only manager logs: reading a run
+    (evaluation, export, a policy) is not something to warn about."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_NoReadOnlyNotice())
+
+
 def reader(directory: str | Path) -> ocp.CheckpointManager:
     """A read-only manager of a checkpoint directory (use as a context manager)."""
     path = Path(directory).absolute()
@@ -65,8 +81,9 @@ def reader(directory: str | Path) -> ocp.CheckpointManager:
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(), "replay": ocp.StandardCheckpointHandler()}
-    return ocp.CheckpointManager(path, item_names=ITEMS, item_handlers=handlers,
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    # Options a read-only manager would otherwise overwrite, with a warning each time a run is read.
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None, create=False)
+    return ocp.CheckpointManager(path, item_names=ITEMS, item_handlers=handlers, options=options)
 
 
 def complete_steps(directory: str | Path) -> list[int]:

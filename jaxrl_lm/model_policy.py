@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_lm.checkpoints import load_params
+from jaxrl_lm.checkpoints import RUN_TOKENIZER, load_params, run_dir
 from jaxrl_lm.config import Config, ModelConfig
 from jaxrl_lm.data.action_trie import ActionTrie, compile_action_trie, pack_tries
 from jaxrl_lm.data.tokenizer import Tokenizer, build_char_tokenizer, load_tokenizer
@@ -299,14 +299,14 @@ class ModelPolicy:
 
 def load_policy(
     source: str | Path | Params,
-    kind: str = "ilql",
+    kind: Optional[str] = None,
     *,
-    beta: float = 1.0,
-    temperature: float = 1.0,
+    beta: Optional[float] = None,
+    temperature: Optional[float] = None,
     top_k: int = 0,
     top_p: float = 1.0,
-    best_of: int = 1,
-    max_new_tokens: int = 32,
+    best_of: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
     tokenizer: Optional[Tokenizer] = None,
     cfg: Optional[Config | ModelConfig] = None,
     step: Optional[int] = None,
@@ -325,8 +325,13 @@ def load_policy(
         beta, temperature, top_k, top_p: its knobs (temperature 0 = greedy); best_of: candidate turns per step, the best final-token
         Q wins (``utterance`` needs ``best_of >= 2`` and a temperature above 0: it chooses among samples).
       max_new_tokens: token budget of one action turn, its EOT included.
-      tokenizer: default: ``cfg.data.tokenizer`` for a full ``Config``, the built-in byte tokenizer for a bare
-        ``ModelConfig``.
+        Left out (None), ``kind``, ``beta``, ``temperature``, ``best_of`` and ``max_new_tokens`` are those the run
+        was evaluated with, from a full ``Config`` (the one saved in a run directory): the last of
+        ``eval.policies``, ``eval.beta``, ``eval.temperature`` (``eval.candidate_temperature`` and
+        ``eval.candidates`` for ``utterance``), ``eval.max_new_tokens``; with a bare ``ModelConfig``: ``ilql``,
+        1.0, 1.0, 1, 32.
+      tokenizer: default: the run directory's own copy (``<run>/tokenizer``, written when training starts), else
+        ``cfg.data.tokenizer`` for a full ``Config``, else the built-in byte tokenizer (a bare ``ModelConfig``).
       cfg: the run's ``Config`` (or just its ``ModelConfig``); default for a checkpoint: the config saved in it.
       context_len: longest prompt plus action, default ``data.seq_len`` (the window the model was trained on)
         capped at ``model.max_seq_len``; a bare ``ModelConfig`` uses ``max_seq_len``.
@@ -350,11 +355,24 @@ def load_policy(
     if isinstance(source, (str, Path)):
         saved_cfg, params, _ = load_params(source, step)
         cfg = cfg or saved_cfg
+        if tokenizer is None and (run_dir(source) / RUN_TOKENIZER).is_dir():
+            tokenizer = load_tokenizer(run_dir(source) / RUN_TOKENIZER)
     elif cfg is None:
         raise ValueError("load_policy: pass cfg (the run's Config or ModelConfig) along with a parameter dict")
     else:
         params = source
     model_cfg = cfg.model if isinstance(cfg, Config) else cfg
+    if isinstance(cfg, Config):  # the settings the run was evaluated with, where the caller leaves them out
+        e = cfg.eval
+        kind = kind or e.policies[-1]
+        utterance = kind == "utterance"
+        beta = e.beta if beta is None else beta
+        temperature = (e.candidate_temperature if utterance else e.temperature) if temperature is None else temperature
+        best_of = (e.candidates if utterance else 1) if best_of is None else best_of
+        max_new_tokens = e.max_new_tokens if max_new_tokens is None else max_new_tokens
+    kind = kind or "ilql"
+    beta, temperature = 1.0 if beta is None else beta, 1.0 if temperature is None else temperature
+    best_of, max_new_tokens = best_of or 1, max_new_tokens or 32
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.data.tokenizer) if isinstance(cfg, Config) else build_char_tokenizer()
     if context_len is None:

@@ -78,13 +78,18 @@ def main(argv: list[str] | None = None) -> int:
                 save_tokenizer(hf_dir if (hf_dir / "tokenizer_config.json").is_file() else hf_dir / "tokenizer.json",
                                tokenizer_dir)
         data_kw = {"data__tokenizer": str(tokenizer_dir)} if tokenizer_dir.is_dir() else {}
-        cfg = replace(base, train__out_dir=str(out), **data_kw,
+        # The run's rows must fit the imported model's context (a tiny GPT-2 may have 64 positions).
+        fitted = base.data.seq_len > model_cfg.max_seq_len
+        seq_kw = {"data__seq_len": model_cfg.max_seq_len} if fitted else {}
+        cfg = replace(base, train__out_dir=str(out), **data_kw, **seq_kw,
                       **{f"model__{k}": v for k, v in dataclasses.asdict(model_cfg).items()})
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not data_kw:
         print(f"note: {args.hf_dir} has no tokenizer files; data.tokenizer stays {cfg.data.tokenizer!r}")
+    if fitted:
+        print(f"note: data.seq_len {base.data.seq_len} -> {cfg.data.seq_len}, the imported model's max_seq_len")
     manager = checkpoint.make_manager(out / checkpoint.CHECKPOINT_SUBDIR, cfg.train)
     checkpoint.save(manager, 0, init_state(cfg, params), loader_state={}, cfg=cfg)
     manager.close()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import yaml
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -299,7 +300,10 @@ def test_import_and_export_scripts(hf_dirs, tmp_path, monkeypatch, capsys):
 
     import_script, export_script = load_script("import_hf"), load_script("export_hf")
     run = tmp_path / "run"
-    assert import_script.main([str(hf_dirs["gpt2"]), str(run), "data.seq_len=64", "model.n_q_heads=1"]) == 0
+    # No data.seq_len given: the default 128 does not fit the 64 positions of this GPT-2, so the import fits it.
+    assert import_script.main([str(hf_dirs["gpt2"]), str(run), "model.n_q_heads=1"]) == 0
+    assert "data.seq_len 128 -> 64" in capsys.readouterr().out
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["seq_len"] == 64
     assert (run / "tokenizer" / "tokenizer.json").is_file()
     out = tmp_path / "hf"
     assert export_script.main([str(run), str(out), "--params", "ema", "--max-shard-size", "30KB"]) == 0

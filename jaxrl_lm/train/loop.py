@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxrl_lm import data, distributed
-from jaxrl_lm.checkpoints import load_params, run_seeds
+from jaxrl_lm.checkpoints import RUN_TOKENIZER, load_params, run_seeds
 from jaxrl_lm.config import Config, ConfigError, to_yaml
 from jaxrl_lm.models import Params, model_graphdef
 from jaxrl_lm.models.partition import with_fresh_adapters
@@ -291,6 +291,8 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
         raise ValueError("train: give episodes (for a loader of cfg.data) or a batch source, not both")
     tokenizer = data.load_tokenizer(cfg.data.tokenizer)
     check_vocab(cfg, tokenizer)
+    if is_main and outputs:  # the run's own copy: policies and evaluation read it from the run directory
+        data.save_tokenizer(tokenizer, out_dir / RUN_TOKENIZER)
     cached = bool(cfg.data.feature_cache)
     if cached:
         features.check_supported(cfg, online=cfg.online.enabled or source is not None,
