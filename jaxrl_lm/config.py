@@ -81,7 +81,7 @@ class LoraConfig:
                 chosen.add(target if target in every else named[0])
             else:
                 why = f"names {named}: say which" if named else f"is not a {family} projection"
-                raise ConfigError(f"model.lora.targets: {_show(target)} {why}; choose groups {sorted(groups)} or "
+                raise ConfigError(f"model.lora.targets: {show_value(target)} {why}; choose groups {sorted(groups)} or "
                                   f"projections {list(every)} (or a path's last part where it is unique)")
         return tuple(p for p in every if p in chosen)
 
@@ -352,39 +352,39 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
                 if len(inner) == 1:
                     raise
         names = " or ".join(_describe(a) for a in args)
-        raise ConfigError(f"{key}: expected {names}, got {_show(value)}{where}")
+        raise ConfigError(f"{key}: expected {names}, got {show_value(value)}{where}")
     if origin is tuple:
         return _check_tuple(key, typing.get_args(tp), value, where)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: {_show(value)} is not one of {list(allowed)}{where}")
+            raise ConfigError(f"{key}: {show_value(value)} is not one of {list(allowed)}{where}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {_show(value)}{where}")
+            raise ConfigError(f"{key}: expected true/false, got {show_value(value)}{where}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {_show(value)}{where}")
+            raise ConfigError(f"{key}: expected an integer, got {show_value(value)}{where}")
         if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
-            raise ConfigError(f"{key}: {_show(value)} is outside the 64-bit integer range{where}")
+            raise ConfigError(f"{key}: {show_value(value)} is outside the 64-bit integer range{where}")
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is plainly a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {_show(value)}{where}")
+            raise ConfigError(f"{key}: expected a number, got {show_value(value)}{where}")
         try:
             number = float(value)
         except OverflowError:  # an integer beyond any float
             number = math.inf
         if not math.isfinite(number):  # .nan / .inf pass every range check below (nan < 0 is False)
-            raise ConfigError(f"{key}: expected a finite number, got {_show(value)}{where}")
+            raise ConfigError(f"{key}: expected a finite number, got {show_value(value)}{where}")
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {_show(value)}{where}")
+            raise ConfigError(f"{key}: expected a string, got {show_value(value)}{where}")
         return value
     raise ConfigError(f"{key}: unsupported field type {tp}")  # a programming error in this file
 
@@ -392,11 +392,11 @@ def _check_value(key: str, tp: Any, value: Any, where: str) -> Any:
 def _check_tuple(key: str, args: tuple, value: Any, where: str) -> tuple:
     """A YAML list as a tuple: ``tuple[X, ...]`` (any length) or ``tuple[X, Y]`` (exactly these items)."""
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{key}: expected a list, got {_show(value)}{where}")
+        raise ConfigError(f"{key}: expected a list, got {show_value(value)}{where}")
     if len(args) == 2 and args[1] is Ellipsis:
         args = (args[0],) * len(value)
     elif len(value) != len(args):
-        raise ConfigError(f"{key}: expected a list of {len(args)} items, got {_show(value)}{where}")
+        raise ConfigError(f"{key}: expected a list of {len(args)} items, got {show_value(value)}{where}")
     return tuple(_check_value(f"{key}[{i}]", t, v, where) for i, (t, v) in enumerate(zip(args, value)))
 
 
@@ -412,8 +412,9 @@ def _bounded_repr() -> reprlib.Repr:
 _REPR = _bounded_repr()
 
 
-def _show(value: Any) -> str:
-    """A bounded repr for messages: a YAML value may be huge, or (through aliases) exponentially large."""
+def show_value(value: Any) -> str:
+    """A bounded repr for error messages: a YAML value may be huge or (through aliases) exponentially large, an
+    episode file's line may hold megabytes or structures nested hundreds deep (``jaxrl_lm.data.episodes``)."""
     try:
         return _REPR.repr(value)
     except ValueError:  # an integer past Python's 4300-digit str() limit
@@ -439,18 +440,18 @@ def _build_config(values: dict[str, Any], sources: dict[str, str]) -> Config:
     for name in sorted(set(values) - builtin, key=str):  # YAML keys may be numbers or null too
         if name not in _SECTIONS:
             where = f" (from {sources[str(name)]})" if str(name) in sources else ""
-            raise ConfigError(f"unknown config key {_show(name)}{where}; known sections: {sorted(builtin)} and the "
+            raise ConfigError(f"unknown config key {show_value(name)}{where}; known sections: {sorted(builtin)} and the "
                               f"objective sections {sorted(_SECTIONS)}")
         value = values.pop(name)
         if not isinstance(value, dict):
             where = f" (from {sources[name]})" if name in sources else ""
             raise ConfigError(f"{name}: expected a mapping of {_SECTIONS[name].__name__} fields, got "
-                              f"{_show(value)}{where}")
+                              f"{show_value(value)}{where}")
         sections[name] = _build(_SECTIONS[name], value, f"{name}.", sources)
     cfg = _build(Config, values, "", sources)
     if cfg.rl.objective not in _SECTIONS:
         where = f" (from {sources['rl.objective']})" if "rl.objective" in sources else ""
-        raise ConfigError(f"rl.objective: {_show(cfg.rl.objective)} is not a registered objective{where}; registered: "
+        raise ConfigError(f"rl.objective: {show_value(cfg.rl.objective)} is not a registered objective{where}; registered: "
                           f"{sorted(_SECTIONS)}")
     sections.setdefault(cfg.rl.objective, _SECTIONS[cfg.rl.objective]())
     return dataclasses.replace(cfg, sections=tuple(sorted(sections.items())))
@@ -464,11 +465,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str, sources: dict[str, st
         key = f"{prefix}{name}"
         where = f" (from {sources[key]})" if key in sources else ""
         if name not in fields:
-            raise ConfigError(f"unknown config key {_show(key)}{where}; known keys here: {sorted(fields)}")
+            raise ConfigError(f"unknown config key {show_value(key)}{where}; known keys here: {sorted(fields)}")
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {_show(value)}{where}")
+                raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {show_value(value)}{where}")
             kwargs[name] = _build(tp, value, f"{key}.", sources)
         else:
             kwargs[name] = _check_value(key, tp, value, where)
@@ -503,7 +504,7 @@ def _read_yaml(path: Path, sources: dict[str, str], seen: tuple[Path, ...] = ())
         path = path.resolve()
         found = path.is_file()
     except (OSError, ValueError) as e:  # e.g. a NUL character in an include's name
-        raise ConfigError(f"config file {_show(str(path))} is not a usable path ({e}){included}") from None
+        raise ConfigError(f"config file {show_value(str(path))} is not a usable path ({e}){included}") from None
     if path in seen:
         raise ConfigError(f"{path}: include cycle through {[str(p) for p in seen]}")
     if not found:
@@ -529,7 +530,7 @@ def _read_yaml(path: Path, sources: dict[str, str], seen: tuple[Path, ...] = ())
     if isinstance(includes, str):
         includes = [includes]
     if not isinstance(includes, list) or not all(isinstance(inc, str) and inc for inc in includes):
-        raise ConfigError(f"include: expected a file name or a list of file names, got {_show(includes)} "
+        raise ConfigError(f"include: expected a file name or a list of file names, got {show_value(includes)} "
                           f"(from {path})")
     merged: dict = {}
     for inc in includes:
@@ -547,9 +548,9 @@ def _parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     except RecursionError:
-        raise ConfigError(f"override {_show(key)}: the value is nested too deeply to read") from None
+        raise ConfigError(f"override {show_value(key)}: the value is nested too deeply to read") from None
     except ValueError as e:  # PyYAML's int(): a literal beyond Python's 4300-digit conversion limit
-        raise ConfigError(f"override {_show(key)}: the value cannot be read: {e}") from None
+        raise ConfigError(f"override {show_value(key)}: the value cannot be read: {e}") from None
     return key, value
 
 
@@ -585,13 +586,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         seen.add(key)
         parts = key.split(".")
         if not all(parts):
-            raise ConfigError(f"override {_show(key)}: an empty name; expected section.key=value")
+            raise ConfigError(f"override {show_value(key)}: an empty name; expected section.key=value")
         node = tree
         for i, p in enumerate(parts[:-1]):
             sources.setdefault(".".join(parts[:i + 1]), "override")  # a section the override brings in
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {_show(key)}: {p!r} is not a section")
+                raise ConfigError(f"override {show_value(key)}: {p!r} is not a section")
         node[parts[-1]] = value
         sources[key] = "override"
     cfg = _build_config(tree, sources)

@@ -6,16 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import SingleDeviceSharding
 
 import jaxrl_lm
 from jaxrl_lm import envs
 from jaxrl_lm.config import ConfigError, load_config
 from jaxrl_lm.models.partition import Partition
-from jaxrl_lm.train import checkpoint, loop
 from jaxrl_lm.train.flops import update_flops
 from jaxrl_lm.train.state import abstract_train_state
 from jaxrl_lm.train.update import loss_fn
+from helpers import restore_state, straight_and_resumed
 
 SMALL = dict(model__d_model=32, model__n_layers=3, model__n_heads=4, data__task_episodes=200, data__batch_size=8,
              data__seq_len=64, optim__schedule="constant", train__checkpoint_every=0)
@@ -88,23 +87,12 @@ def frozen_runs(tmp_path_factory):
     """A 4-step run with 2 of 3 blocks frozen and a full-scope EMA target; the same run as 2 steps + resume."""
     root = tmp_path_factory.mktemp("frozen")
     kw = dict(train__frozen_layers=2, token_q__target_scope="full", train__log_every=2)
-    episodes = envs.task_dataset(small_cfg().data)
-    straight = small_cfg(train__out_dir=str(root / "a"), train__steps=4, train__checkpoint_every=1,
-                         train__keep_checkpoints=4, **kw)
-    loop.train(straight, progress=False, episodes=episodes)
-    loop.train(small_cfg(train__out_dir=str(root / "b"), train__steps=2, **kw), progress=False, episodes=episodes)
-    loop.train(small_cfg(train__out_dir=str(root / "b"), train__steps=4, **kw), progress=False, episodes=episodes,
-               resume=True)
-    return root, straight
-
-
-def restore(cfg, step=None):
-    return checkpoint.restore(checkpoint.checkpoint_dir(cfg), SingleDeviceSharding(jax.devices()[0]), step).state
+    return root, straight_and_resumed(small_cfg, root, envs.task_dataset(small_cfg().data), **kw)
 
 
 def test_a_run_leaves_the_frozen_bottom_bitwise_unchanged_and_resumes_exactly(frozen_runs):
     root, cfg = frozen_runs
-    state, first = restore(cfg), restore(cfg, step=1)
+    state, first = restore_state(cfg), restore_state(cfg, step=1)
     part = Partition.of(cfg)
     trained, bottom = part.split(state.params)
     # The embeddings and blocks 0, 1 did not move over steps 2..4 (bitwise), nor in step 1: the loop's initial
@@ -116,7 +104,7 @@ def test_a_run_leaves_the_frozen_bottom_bitwise_unchanged_and_resumes_exactly(fr
     # No optimizer moments and no EMA copy of the frozen bottom: both hold exactly the trained part's shapes.
     chex.assert_trees_all_equal_shapes(state.opt_state[1][0].mu, trained)
     chex.assert_trees_all_equal_shapes(state.groups["target"], {k: trained[k] for k in state.groups["target"]})
-    assert leaves_equal(state, restore(small_cfg(train__out_dir=str(root / "b"))))
+    assert leaves_equal(state, restore_state(small_cfg(train__out_dir=str(root / "b"))))
 
 
 def test_a_frozen_run_loads_whole_for_policies_and_target_views(frozen_runs):

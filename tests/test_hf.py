@@ -26,6 +26,7 @@ from jaxrl_lm.models import build
 from jaxrl_lm.models.transformer import init_cache
 from jaxrl_lm.rl.policy_extraction import merged_policy_weights, policy_scores
 from script_loader import load_script
+from helpers import random_params
 
 TOL = 1e-4
 V = 260  # the byte tokenizer's vocabulary, so every tiny model can carry it
@@ -83,18 +84,6 @@ def torch_logits(model_dir, tokens: np.ndarray) -> np.ndarray:
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         return model(torch.as_tensor(tokens)).logits.numpy()
-
-
-def random_params(cfg: ModelConfig, seed: int = 0):
-    """Random parameters of ``cfg``'s shapes (norm scales around 1), drawn in NumPy: no eager jax compiles."""
-    shapes = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: build(cfg)), nnx.Param)[1])
-    rng = np.random.default_rng(seed)
-
-    def draw(path, shape):
-        centre = 1.0 if path[-1].key == "scale" else 0.0
-        return jnp.asarray(centre + 0.1 * rng.standard_normal(shape.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def tokens(batch: int = 2, length: int = 12, seed: int = 0) -> np.ndarray:

@@ -29,10 +29,11 @@ from jaxrl_lm.interop import export_hf
 from jaxrl_lm.interop.hf_export import CARD_FILE
 from jaxrl_lm.interop.hf_generation import ExportedHeads, ValueGuidedLogitsProcessor
 from jaxrl_lm.model_policy import prompt_tokens, sampling_mask, stop_ids
-from jaxrl_lm.models import build, model_graphdef
+from jaxrl_lm.models import model_graphdef
 from jaxrl_lm.rl.policy_extraction import policy_scores
 from jaxrl_lm.train import checkpoint, init_state
 from script_loader import load_script
+from helpers import random_params
 
 TOL = 1e-4
 BETA = 4.0
@@ -44,18 +45,6 @@ CASES = {
     "linear": ("configs/models/llama_tiny.yaml", dict(model__n_q_heads=2, model__q_head="linear",
                                                       model__q_head_bias=False)),
 }
-
-
-def random_params(cfg: ModelConfig, seed: int = 0):
-    """Random parameters of ``cfg``'s shapes (norm scales around 1, every bias nonzero), drawn in NumPy."""
-    shapes = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: build(cfg)), nnx.Param)[1])
-    rng = np.random.default_rng(seed)
-
-    def draw(path, shape):
-        centre = 1.0 if path[-1].key == "scale" else 0.0
-        return jnp.asarray(centre + 0.1 * rng.standard_normal(shape.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,7 +14,6 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from jax.sharding import SingleDeviceSharding
 
 import jaxrl_lm
 from jaxrl_lm import envs
@@ -24,9 +23,10 @@ from jaxrl_lm.interop.safetensors_io import SafetensorsDir, flatten
 from jaxrl_lm.models import build, split_model
 from jaxrl_lm.models.layers import LORA_FACTORS, LoraLinear
 from jaxrl_lm.models.partition import Partition, merge_adapters, with_fresh_adapters
-from jaxrl_lm.train import checkpoint, loop
+from jaxrl_lm.train import checkpoint
 from jaxrl_lm.train.state import init_state
 from jaxrl_lm.train.update import loss_fn
+from helpers import restore_state, straight_and_resumed
 
 SMALL = dict(model__d_model=32, model__n_layers=3, model__n_heads=4, data__task_episodes=200, data__batch_size=8,
              data__seq_len=64, optim__schedule="constant", train__checkpoint_every=0)
@@ -254,23 +254,12 @@ def lora_runs(tmp_path_factory, compile_once):
     manager.close()
     kw = dict(model__lora__rank=4, model__lora__alpha=8.0, train__frozen_layers=1, token_q__target_scope="full",
               train__log_every=2, train__init_from=str(root / "source"), optim__learning_rate=3e-3)
-    episodes = envs.task_dataset(small_cfg().data)
-    straight = small_cfg(train__out_dir=str(root / "a"), train__steps=4, train__checkpoint_every=1,
-                         train__keep_checkpoints=4, **kw)
-    loop.train(straight, progress=False, episodes=episodes)
-    loop.train(small_cfg(train__out_dir=str(root / "b"), train__steps=2, **kw), progress=False, episodes=episodes)
-    loop.train(small_cfg(train__out_dir=str(root / "b"), train__steps=4, **kw), progress=False, episodes=episodes,
-               resume=True)
-    return root, straight
-
-
-def restore(cfg, step=None):
-    return checkpoint.restore(checkpoint.checkpoint_dir(cfg), SingleDeviceSharding(jax.devices()[0]), step).state
+    return root, straight_and_resumed(small_cfg, root, envs.task_dataset(small_cfg().data), **kw)
 
 
 def test_a_lora_run_trains_only_the_factors_and_resumes_exactly(lora_runs):
     root, cfg = lora_runs
-    state = restore(cfg)
+    state = restore_state(cfg)
     _, source, _ = jaxrl_lm.load_params(root / "source")
     part = Partition.of(cfg)
     trained, frozen = part.split(state.params)
@@ -281,7 +270,7 @@ def test_a_lora_run_trains_only_the_factors_and_resumes_exactly(lora_runs):
     base = {k: v for k, v in flatten(frozen).items() if not is_factor(k)}
     assert base and base.keys() == {k for k in flatten(source) if k.startswith("transformer.")}
     moved = flatten(trained)
-    first = flatten(part.trained(restore(cfg, step=1).params))
+    first = flatten(part.trained(restore_state(cfg, step=1).params))
     for k, v in moved.items():
         assert not np.array_equal(v, first[k]), k  # A too: its gradient is 0 only while B is 0 (step 1)
     assert all(np.any(v) for k, v in moved.items() if k.endswith("lora_b"))
@@ -289,7 +278,7 @@ def test_a_lora_run_trains_only_the_factors_and_resumes_exactly(lora_runs):
     chex.assert_trees_all_equal_shapes(state.opt_state[1][0].mu, trained)
     chex.assert_trees_all_equal_shapes(state.opt_state[1][0].nu, trained)
     chex.assert_trees_all_equal_shapes(state.groups["target"], {k: trained[k] for k in state.groups["target"]})
-    assert leaves_equal(state, restore(small_cfg(train__out_dir=str(root / "b"))))
+    assert leaves_equal(state, restore_state(small_cfg(train__out_dir=str(root / "b"))))
 
 
 def test_a_lora_run_loads_whole_for_policies_and_target_views(lora_runs):

@@ -35,9 +35,10 @@ import dataclasses
 import json
 import math
 import random
-import reprlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, NamedTuple
+
+from jaxrl_lm.config import show_value
 
 ROLES = ("observation", "action")
 _EPISODE_KEYS = {"id", "turns", "done", "meta"}
@@ -47,21 +48,6 @@ FLOAT32_MAX = 3.4028234663852886e38
 _JSON_BLANK = b" \t\r\n"  # JSON's whitespace: a line of only these is blank
 
 
-def _bounded_repr() -> reprlib.Repr:
-    r = reprlib.Repr()  # Python 3.11's Repr takes no constructor arguments
-    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxstring, r.maxother, r.maxlong = 3, 6, 6, 6, 80, 80, 40
-    return r
-
-
-_REPR = _bounded_repr()
-
-
-def _show(value: Any) -> str:
-    """A bounded repr for messages: a line may hold megabytes, or structures nested hundreds deep."""
-    try:
-        return _REPR.repr(value)
-    except ValueError:  # an integer past Python's 4300-digit str() limit (from in-memory records)
-        return f"<a {type(value).__name__} too large to print>"
 
 
 class _DuplicateKey(Exception):
@@ -162,15 +148,15 @@ def _parse_turn(obj: Any, field: str, fail) -> Turn:
     if "reward" in obj and role == "observation":
         fail(f"{field}.reward", "rewards belong to action turns; observation turns carry none")
     if isinstance(reward, bool) or not isinstance(reward, (int, float)):
-        fail(f"{field}.reward", f"must be a number, got {_show(reward)}")
+        fail(f"{field}.reward", f"must be a number, got {show_value(reward)}")
     try:
         value = float(reward)
     except OverflowError:  # an integer beyond any float
         value = math.inf
     if not math.isfinite(value):
-        fail(f"{field}.reward", f"must be finite, got {_show(reward)}")
+        fail(f"{field}.reward", f"must be finite, got {show_value(reward)}")
     if abs(value) > FLOAT32_MAX:
-        fail(f"{field}.reward", f"must fit in float32 (magnitude at most {FLOAT32_MAX:.4g}), got {_show(reward)}")
+        fail(f"{field}.reward", f"must fit in float32 (magnitude at most {FLOAT32_MAX:.4g}), got {show_value(reward)}")
     return Turn(role=role, text=obj["text"], reward=value)
 
 
@@ -187,13 +173,13 @@ def parse_episode(obj: Any, *, path: str = "<memory>", line: int = 0) -> Episode
         fail(unknown[0], f"unknown key (allowed: {sorted(_EPISODE_KEYS)})")
     ep_id = obj.get("id")
     if not isinstance(ep_id, str) or not ep_id:
-        fail("id", f"must be a non-empty string, got {_show(ep_id)}")
+        fail("id", f"must be a non-empty string, got {show_value(ep_id)}")
     bad_id = _bad_unicode(ep_id)
     if bad_id:
         fail("id", bad_id)
     turns = obj.get("turns")
     if not isinstance(turns, list) or not turns:
-        fail("turns", f"must be a non-empty list, got {_show(turns)}")
+        fail("turns", f"must be a non-empty list, got {show_value(turns)}")
     parsed = tuple(_parse_turn(t, f"turns[{i}]", fail) for i, t in enumerate(turns))
     if not any(t.role == "action" for t in parsed):
         fail("turns", "no action turn: an episode needs at least one agent turn to learn from")
@@ -202,7 +188,7 @@ def parse_episode(obj: Any, *, path: str = "<memory>", line: int = 0) -> Episode
         fail("turns", f"the rewards sum to {total:.4g}, beyond float32 (magnitude at most {FLOAT32_MAX:.4g})")
     done = obj.get("done")
     if not isinstance(done, bool):
-        fail("done", f"must be true (terminal) or false (cut off), got {_show(done)}")
+        fail("done", f"must be true (terminal) or false (cut off), got {show_value(done)}")
     meta = obj.get("meta", {})
     if not isinstance(meta, dict):
         fail("meta", f"must be an object, got {type(meta).__name__}")
@@ -239,7 +225,7 @@ def _decode(path: str, line: int, raw: str | bytes | Mapping) -> Any:
     except json.JSONDecodeError as e:
         raise EpisodeError(path, line, "json", f"not valid JSON: {e.msg} at column {e.colno}") from None
     except _DuplicateKey as e:
-        raise EpisodeError(path, line, "json", f"key {_show(e.key)} appears twice in one object (JSON readers "
+        raise EpisodeError(path, line, "json", f"key {show_value(e.key)} appears twice in one object (JSON readers "
                                                f"keep only the last value)") from None
     except RecursionError:
         raise EpisodeError(path, line, "json", "not readable JSON: nested too deeply") from None
@@ -264,7 +250,7 @@ def iter_episodes(
         try:
             ep = parse_episode(_decode(path, line, raw), path=path, line=line)
             if ep.id in first_seen:
-                raise EpisodeError(path, line, "id", f"duplicate id {_show(ep.id)}, first seen at {first_seen[ep.id]}")
+                raise EpisodeError(path, line, "id", f"duplicate id {show_value(ep.id)}, first seen at {first_seen[ep.id]}")
         except EpisodeError as e:
             if not skip_invalid:
                 raise
