@@ -25,8 +25,82 @@ Public API (``help(jaxrl_lm.NAME)`` documents each, with shapes and an example):
 decoding and Hugging Face names load on first use.
 """
 
+import contextlib
+import glob
 import importlib
-from typing import Any
+import os
+import re
+import sys
+import tempfile
+from typing import Any, Iterator
+
+# JAX's platform, chosen before JAX first uses one (README, "Set up and run"). The default set-up installs the
+# `aot` extra (libtpu and the CUDA compiler plugin: compiling for pods here, jaxrl_lm/train/aot.py), and JAX left
+# to itself initialises every installed plugin: on a machine without accelerators the CUDA plugin logs an ERROR
+# with a traceback, libtpu logs INVALID_ARGUMENT errors, and the CUDA plugin's libraries log "Could not find cuda
+# drivers" (absl, from C++, at `import jax` and at plugin discovery). So when JAX_PLATFORMS is unset and JAX's own
+# probes (those xla_bridge uses to skip CUDA and to suggest a TPU) find no GPU and no TPU, the CPU is chosen
+# explicitly (the CUDA plugin then skips its version check and libtpu is never started), plugin discovery runs
+# at once, and those known lines are dropped from stderr while `import jax` and discovery run; every other line
+# is written back. The compile-only clients of aot.py work under this choice (scripts/aot_compile.py and the
+# tests set JAX_PLATFORMS=cpu themselves). Any visible accelerator, or JAX_PLATFORMS set (even to ""), leaves
+# everything to JAX, so a GPU or TPU machine finds its accelerator as it always did.
+_PLUGIN_NOISE = re.compile(
+    rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    rb"|.*cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, GPU will not be used\.")
+
+
+def _accelerator_visible(hardware_utils: Any) -> bool:
+    """Whether this machine shows an accelerator JAX could use: JAX's probes (``jax._src.hardware_utils``: NVIDIA
+    device nodes, TPU chips on PCI, AMD GPUs through KFD; -1 = could not tell, counted as visible) and, to err on
+    the side of JAX's default, TPU device nodes (``/dev/accel*``, ``/dev/vfio/<n>``)."""
+    return bool(hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_tpu_chips_and_device_id()[0]
+                or hardware_utils.num_available_amd_gpus(stop_at=1) != 0
+                or glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+@contextlib.contextmanager
+def _stderr_without_plugin_noise(drop: list[bool]) -> Iterator[None]:
+    """Collects what is written to file descriptor 2 (C++ logs included) while the block runs, then writes it back
+    without the ``_PLUGIN_NOISE`` lines if ``drop[0]`` was set by then (else unchanged)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):  # no stderr to filter (pythonw, a closed descriptor)
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().splitlines(keepends=True)
+            if drop[0]:
+                lines = [line for line in lines if not _PLUGIN_NOISE.fullmatch(line.rstrip(b"\r\n"))]
+            text = b"".join(lines)
+            while text:
+                text = text[os.write(2, text):]
+
+
+if "JAX_PLATFORMS" in os.environ:
+    import jax
+else:
+    _quiet = [False]
+    with _stderr_without_plugin_noise(_quiet):
+        import jax
+        from jax._src import hardware_utils as _hardware_utils
+        from jax._src import xla_bridge as _xla_bridge
+
+        if not (jax.config.jax_platforms or _xla_bridge.backends_are_initialized()
+                or _accelerator_visible(_hardware_utils)):
+            jax.config.update("jax_platforms", "cpu")
+            _xla_bridge._discover_and_register_pjrt_plugins()  # the CUDA plugin's libraries load now, filtered
+            _quiet[0] = True
 
 from jaxrl_lm import models, rl, train
 from jaxrl_lm.config import Config, ConfigError, load_config

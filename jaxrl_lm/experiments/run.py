@@ -7,6 +7,10 @@ the data pipeline never imports the environments), builds the hooks the config a
 ``eval`` section; with ``online.enabled``, the collector's hooks and its replay batches:
 ``jaxrl_lm.experiments.online``) and calls the one training loop, ``jaxrl_lm.train.loop.train``. ``train_seeds`` is the same for
 a stack of seeds without files (a notebook's seed study); ``batches`` is the data alone.
+
+``main`` (the command line) also shows what was learned: on a built-in task it evaluates the ``eval`` section's
+policies after the last step (the config's own evaluation when ``eval.every`` is set, else once at the end; not
+with ``--no-eval``) and prints them as a table, with where the run's files are.
 """
 
 from __future__ import annotations
@@ -189,10 +193,49 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--seeds: expected integers separated by commas, got {text!r}") from None
 
 
+def final_evaluation(cfg: Config, *, progress: bool = True) -> Hook:
+    """The evaluation hook of ``cfg.eval``, run once after the last step (``eval.every`` 0), in a run of one
+    process only (evaluation is single-process; ``run`` refuses ``eval.every`` with more, and this hook, which
+    learns the process count only once the run has started it, evaluates nothing there)."""
+    hook = evaluation_hook(config_lib.replace(cfg, eval__every=0), progress=progress)
+
+    def evaluate(ctx: StepContext) -> Optional[Mapping[str, float]]:
+        return hook.fn(ctx) if jax.process_count() == 1 else None
+
+    return dataclasses.replace(hook, fn=evaluate, at_checkpoints=False)  # keep-best needs eval.every
+
+
+_POLICY_NAMES = {"bc": "bc (imitation: the LM head)", "ilql": "ilql (offline Q-learning)", "q": "q (argmax Q)",
+                 "utterance": "utterance (best turn by Q)", "actor": "actor"}
+
+
+def evaluation_table(cfg: Config, final: Mapping[str, Any]) -> str:
+    """The run's last evaluation (``final``'s ``eval/<policy>/<field>`` metrics, the mean over seeds for a stack)
+    as a Markdown table: policy, normalised score, success rate, mean return; "" when nothing was evaluated."""
+    kinds = [k for k in cfg.eval.policies if f"eval/{k}/mean_return" in final]
+    if not kinds:
+        return ""
+    e = cfg.eval
+    episodes = f"{e.episodes} episodes" if e.episodes else "every start once"
+    decoding = "greedy" if e.temperature == 0 else f"sampled at T={e.temperature:g}"
+    seeds = f", mean of seeds {final['seeds']}" if final.get("seeds") else ""
+    lines = [f"{config_lib.eval_task(cfg)} after {final['step']} steps ({episodes}, {decoding}{seeds}; ILQL beta "
+             f"{e.beta:g}; normalised: 0 = worst, 50 = the data's behaviour, 100 = optimal):",
+             "| policy | normalised score | success rate | mean return |", "|---|---|---|---|"]
+    for k in kinds:
+        score = final.get(f"eval/{k}/normalized_score")
+        lines.append(f"| {_POLICY_NAMES.get(k, k)} | {'-' if score is None else f'{score:.1f}'} | "
+                     f"{final[f'eval/{k}/success_rate']:.0%} | {final[f'eval/{k}/mean_return']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train an agent with value-based RL (the config's objective).")
     ap.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: the built-in demo)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--no-eval", action="store_true",
+                    help="no evaluation after the last step (by default a run on a built-in task evaluates the "
+                         "eval section's policies there and prints the table)")
     ap.add_argument("--resume", action="store_true",
                     help="continue from the newest complete checkpoint in <train.out_dir>/checkpoints")
     ap.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
@@ -200,9 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=4 token_q.backup=max")
     args = ap.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
-    final = run(cfg, seeds=args.seeds, progress=not args.no_progress, resume=args.resume)
+    evaluate_at_end = not (args.no_eval or cfg.eval.every or not config_lib.eval_task(cfg))
+    hooks = [final_evaluation(cfg, progress=not args.no_progress)] if evaluate_at_end else []
+    final = run(cfg, seeds=args.seeds, hooks=hooks, progress=not args.no_progress, resume=args.resume)
     summary = {k: final[k] for k in ("step", "skipped", "preempted", "loss", "q_mean", "v_mean", "tokens_per_s")
                if k in final}
     if jax.process_index() == 0:
         print(json.dumps(summary))
-        print(f"wrote {cfg.train.out_dir}/final_metrics.json")
+        table = "" if final["preempted"] else evaluation_table(cfg, final)
+        if table:
+            print(table)
+        out = cfg.train.out_dir
+        print(f"wrote {out}/: final_metrics.json, metrics.jsonl (the training curves: a line per "
+              f"{cfg.train.log_every} steps){', eval.jsonl (every evaluated policy)' if table else ''}, "
+              f"TensorBoard scalars (tensorboard --logdir {out}), checkpoints/, config.yaml")

@@ -8,7 +8,9 @@ Writes into ``train.out_dir``: ``config.yaml`` (the resolved config), TensorBoar
 line per log step; with seeds, the mean over seeds and ``per_seed`` lists), ``final_metrics.json`` and
 ``checkpoints/`` (asynchronous Orbax checkpoints every ``train.checkpoint_every`` steps, at the last step and on
 SIGTERM; ``resume=True`` continues from the newest). The host reads device metrics only every
-``train.log_every`` steps (and at checkpoints), so the steps in between run back to back without a host sync.
+``train.log_every`` steps (and at checkpoints), so the steps in between run back to back without a host sync; it
+dispatches at most ``STEPS_IN_FLIGHT`` steps ahead of the device, so the progress bar's rate and ETA are the
+device's step rate (not the dispatch rate, which runs ahead until the next metrics read).
 
 Evaluation, learning curves and data collection are ``Hook``s that the entry point passes in (``train/`` never
 imports the environments, policies or evaluation): ``jaxrl_lm.experiments.run`` builds them from the config.
@@ -16,6 +18,7 @@ imports the environments, policies or evaluation): ``jaxrl_lm.experiments.run`` 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import time
@@ -38,6 +41,13 @@ from jaxrl_lm.train.mesh import place_batch
 from jaxrl_lm.train.sharding import Parallelism, init_sharded_state, setup_parallelism
 from jaxrl_lm.train.state import TrainState, init_state
 from jaxrl_lm.train.update import make_update
+
+# Steps dispatched but not yet finished, at most: before step n is dispatched the host waits for step n - 2 (on
+# one of its metrics, which the next update does not donate; nothing is copied to the host). One step runs while
+# the next one's batch is placed and queued, so the device never waits for the host, and the host never runs
+# more than this many steps ahead of what the progress bar shows.
+STEPS_IN_FLIGHT = 2
+
 
 def check_vocab(cfg: Config, tokenizer: data.Tokenizer) -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -334,20 +344,34 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
     last: dict[str, float] = {}
     hooked: dict[str, float] = {}
     preempted = False
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_paused = time.perf_counter(), 0, 0.0
+    in_flight: collections.deque = collections.deque()  # a metric of each unfinished step (STEPS_IN_FLIGHT)
     # Decisions that did not fit the head slots, summed on the device over the steps since the last log step:
     # every step is checked, and the host reads the sum only where it reads the metrics anyway.
     dropped_since_log: Optional[jax.Array] = None
     postfix_names = [name for hook in hooks for name in hook.postfix]
+
+    def run_hooks(due: Sequence[Hook], ctx: StepContext) -> dict[str, float]:
+        """The ``due`` hooks' metrics. They run once the device has finished the steps so far, and their time
+        (an evaluation's minutes) is left out of the window's tokens/s, which is the training's own rate."""
+        nonlocal window_paused
+        if not due:
+            return {}
+        while in_flight:
+            in_flight.popleft().block_until_ready()
+        start, out = time.perf_counter(), {}
+        for hook in due:
+            out.update(hook.fn(ctx) or {})
+        window_paused += time.perf_counter() - start
+        return out
+
     notice = checkpoint.PreemptionNotice().install()
     try:
         starting = [h for h in hooks if h.at_start]
         if starting:
             ctx = StepContext(cfg=cfg, step=first - 1, last=False, saving=False, state=state, batch={}, metrics={},
                               seeds=seeds, out_dir=out_dir, is_main=is_main)
-            start_metrics: dict[str, float] = {}
-            for hook in starting:
-                start_metrics.update(hook.fn(ctx) or {})
+            start_metrics = run_hooks(starting, ctx)
             if start_metrics:
                 hooked.update(start_metrics)
                 log.write(first - 1, start_metrics)
@@ -358,7 +382,10 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
                 raise ValueError(f"the data ran out after {step - 1} of {cfg.train.steps} batches: raise "
                                  f"data.num_epochs (now {cfg.data.num_epochs}; 0 = repeat forever) or lower "
                                  f"train.steps") from None
+            if len(in_flight) >= STEPS_IN_FLIGHT:
+                in_flight.popleft().block_until_ready()
             state, metrics = update(state, place_batch(batch, par.mesh))
+            in_flight.extend(jax.tree.leaves(metrics)[:1])
             if "decisions_dropped" in metrics:
                 dropped = jnp.sum(metrics["decisions_dropped"])
                 dropped_since_log = dropped if dropped_since_log is None else dropped_since_log + dropped
@@ -367,17 +394,14 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
             is_last = step == cfg.train.steps
             ctx = StepContext(cfg=cfg, step=step, last=is_last, saving=False, state=state, batch=batch,
                               metrics=metrics, seeds=seeds, out_dir=out_dir, is_main=is_main)
-            step_hooked: dict[str, float] = {}
             ran = [h for h in hooks if h.due(step, is_last)]
-            for hook in ran:
-                step_hooked.update(hook.fn(ctx) or {})
+            step_hooked = run_hooks(ran, ctx)
             preempted = notice.reached(step)  # after the hooks: a notice that arrived during them saves now
             saving = outputs and (preempted or is_last or bool(every and step % every == 0))
             if saving:
                 ctx = dataclasses.replace(ctx, saving=True)
-                for hook in hooks:
-                    if hook.at_checkpoints and not any(hook is h for h in ran):
-                        step_hooked.update(hook.fn(ctx) or {})
+                step_hooked.update(run_hooks([hook for hook in hooks if hook.at_checkpoints
+                                              and not any(hook is h for h in ran)], ctx))
             if step_hooked:
                 hooked.update(step_hooked)
                 log.write(step, step_hooked)
@@ -394,14 +418,15 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
             if step % cfg.train.log_every and not is_last:
                 continue
             last, per_seed = _host_metrics(metrics)
-            elapsed = time.perf_counter() - window_start
+            in_flight.clear()  # reading the metrics waited for every step so far
+            elapsed = time.perf_counter() - window_start - window_paused
             last["tokens_per_s"] = window_steps * tokens_per_step / elapsed
             dropped = float(dropped_since_log) if dropped_since_log is not None else 0.0
             if dropped > 0:
                 raise RuntimeError(
                     f"steps {step - window_steps + 1}-{step}: {int(dropped)} decisions did not fit the head slots of "
                     f"a row; {_dropped_hint(cfg)}")
-            window_start, window_steps, dropped_since_log = time.perf_counter(), 0, None
+            window_start, window_steps, window_paused, dropped_since_log = time.perf_counter(), 0, 0.0, None
             log.write(step, last, per_seed)
             postfix = {k: f"{last[k]:.4f}" for k in ("loss", "q_mean") if k in last}
             postfix.update({k.rsplit("/", 1)[-1]: f"{hooked[k]:.4g}" for k in postfix_names if k in hooked})
