@@ -43,8 +43,9 @@ from typing import Any, Iterator
 # explicitly (the CUDA plugin then skips its version check and libtpu is never started), plugin discovery runs
 # at once, and those known lines are dropped from stderr while `import jax` and discovery run; every other line
 # is written back. The compile-only clients of aot.py work under this choice (scripts/aot_compile.py and the
-# tests set JAX_PLATFORMS=cpu themselves). Any visible accelerator, or JAX_PLATFORMS set (even to ""), leaves
-# everything to JAX, so a GPU or TPU machine finds its accelerator as it always did.
+# tests set JAX_PLATFORMS=cpu themselves). JAX_PLATFORMS=cpu set by the user gets the same filtering. Any visible
+# accelerator, or JAX_PLATFORMS set to anything else (even ""), leaves everything to JAX, so a GPU or TPU machine
+# finds its accelerator as it always did.
 _PLUGIN_NOISE = re.compile(
     rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     rb"|.*cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, GPU will not be used\.")
@@ -87,17 +88,20 @@ def _stderr_without_plugin_noise(drop: list[bool]) -> Iterator[None]:
                 text = text[os.write(2, text):]
 
 
-if "JAX_PLATFORMS" in os.environ:
+_CPU_CHOSEN = os.environ.get("JAX_PLATFORMS") == "cpu"  # the user's own choice: the CUDA lines are noise there too
+if "JAX_PLATFORMS" in os.environ and not _CPU_CHOSEN:
     import jax
 else:
-    _quiet = [False]
+    _quiet = [_CPU_CHOSEN]
     with _stderr_without_plugin_noise(_quiet):
         import jax
         from jax._src import hardware_utils as _hardware_utils
         from jax._src import xla_bridge as _xla_bridge
 
-        if not (jax.config.jax_platforms or _xla_bridge.backends_are_initialized()
-                or _accelerator_visible(_hardware_utils)):
+        if _CPU_CHOSEN:
+            _xla_bridge._discover_and_register_pjrt_plugins()  # the CUDA plugin's libraries load now, filtered
+        elif not (jax.config.jax_platforms or _xla_bridge.backends_are_initialized()
+                  or _accelerator_visible(_hardware_utils)):
             jax.config.update("jax_platforms", "cpu")
             _xla_bridge._discover_and_register_pjrt_plugins()  # the CUDA plugin's libraries load now, filtered
             _quiet[0] = True

@@ -167,6 +167,7 @@ class OptimConfig:
 class DataConfig:
     path: str = "task:grid"  # JSONL of episodes, a built TFDS directory, or task:NAME (a built-in task's data)
     task_episodes: int = 2000  # episodes generated for a task:NAME path
+    task_behaviour: str = ""  # which of a task:NAME path's datasets (its behaviour policy); "" = the task's default
     tokenizer: str = ""  # tokenizer.json or HF directory; "" = the built-in byte tokenizer
     seq_len: int = 128
     batch_size: int = 8
@@ -233,6 +234,10 @@ class TrainConfig:
     # optimizer state and no EMA copy (jaxrl_lm.models.partition); -1 = the whole trunk (its final norm too): only
     # the heads train.
     frozen_layers: int = 0
+    # Updates rejected in a row (a non-finite loss or gradient, or a batch without decisions: update.py) after
+    # which the loop stops with an error. Checked at log steps (no host sync per step), so it stops at the first
+    # log step after the run of skips reaches this length. 0 = never stop.
+    max_consecutive_skips: int = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +246,8 @@ class EvalConfig:
     task: str = ""  # built-in task to play; "" = the task of data.path task:NAME
     policies: tuple[str, ...] = ("bc", "ilql")  # policy extractions (POLICY_KINDS: bc | ilql | q | utterance | actor)
     beta: float = 4.0  # ilql advantage weight
-    temperature: float = 0.0  # 0 = greedy
+    decodings: tuple[str, ...] = ("greedy", "sampled")  # DECODINGS each policy is evaluated with, side by side
+    temperature: float = 1.0  # the sampled decoding's temperature (> 0)
     episodes: int = 0  # evaluation episodes; 0 = every start of the task once
     batch_size: int = 64  # episodes rolled out together
     max_new_tokens: int = 32  # token budget of one action turn
@@ -331,6 +337,9 @@ class Config:
 
 # The policy extractions (jaxrl_lm.rl.policy_extraction): the one list, which eval.policies is checked against.
 POLICY_KINDS: tuple[str, ...] = ("bc", "ilql", "q", "utterance", "actor")
+# How an evaluated policy decodes: "greedy" (temperature 0) or "sampled" (at eval.temperature). A result that
+# holds under only one of them is not the result a user reads, so evaluations report both by default.
+DECODINGS: tuple[str, ...] = ("greedy", "sampled")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -617,9 +626,14 @@ def from_dict(saved: Mapping[str, Any]) -> Config:
     """A Config from ``Config.to_dict()`` output (a checkpoint's saved config), validated.
 
     Keys added since it was saved take their defaults. A config saved before objective sections existed kept the
-    token-level Q-learning settings in ``rl``: those keys move to the ``token_q`` section.
+    token-level Q-learning settings in ``rl``: those keys move to the ``token_q`` section. A config saved before
+    ``eval.decodings`` existed was evaluated at its one ``eval.temperature`` (0 = greedy): that is its decoding.
     """
     tree = {section: dict(fields) for section, fields in saved.items()}
+    ev = tree.get("eval", {})
+    if "temperature" in ev and "decodings" not in ev:
+        ev["decodings"] = ["greedy"] if ev["temperature"] == 0 else ["sampled"]
+        ev["temperature"] = ev["temperature"] or EvalConfig.temperature
     rl = tree.get("rl", {})
     legacy = set(rl) - {f.name for f in dataclasses.fields(RLConfig)}
     if legacy and "token_q" in _SECTIONS:
@@ -672,6 +686,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.checkpoint_every must be >= 0 (0 = only at the end), got {cfg.train.checkpoint_every}")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be at least 1, got {cfg.train.keep_checkpoints}")
+    if cfg.train.max_consecutive_skips < 0:
+        raise ConfigError(f"train.max_consecutive_skips must be >= 0 (0 = never stop), got "
+                          f"{cfg.train.max_consecutive_skips}")
     if d.feature_cache and not cfg.train.frozen_layers:
         raise ConfigError(f"data.feature_cache ({d.feature_cache}) stores a frozen trunk bottom's outputs: set "
                           f"train.frozen_layers (n blocks, or -1 for the whole trunk), or leave the cache out")
@@ -725,8 +742,12 @@ def validate_eval(cfg: Config) -> None:
     bad = [k for k in e.policies if k not in POLICY_KINDS]
     if bad or not e.policies:
         raise ConfigError(f"eval.policies: {bad or 'empty'}; choose from {', '.join(POLICY_KINDS)}")
-    if e.temperature < 0:
-        raise ConfigError(f"eval.temperature must be >= 0 (0 = greedy), got {e.temperature}")
+    if not e.decodings or len(set(e.decodings)) != len(e.decodings) or set(e.decodings) - set(DECODINGS):
+        raise ConfigError(f"eval.decodings: {list(e.decodings)}; give one or both of {', '.join(DECODINGS)}, "
+                          f"each once")
+    if "sampled" in e.decodings and not e.temperature > 0:
+        raise ConfigError(f"eval.temperature is the sampled decoding's temperature and must be > 0, got "
+                          f"{e.temperature}; to evaluate greedily only, set eval.decodings: [greedy]")
     if e.candidates < 2 or e.candidate_temperature <= 0:
         raise ConfigError(f"eval.candidates must be >= 2 and eval.candidate_temperature positive (the utterance "
                           f"policy chooses among sampled turns), got {e.candidates}, {e.candidate_temperature}")

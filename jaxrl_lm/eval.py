@@ -34,7 +34,7 @@ import numpy as np
 import scipy.stats
 
 from jaxrl_lm import envs
-from jaxrl_lm.config import Config, ModelConfig, eval_task
+from jaxrl_lm.config import DECODINGS, Config, ModelConfig, eval_task
 from jaxrl_lm.data.episodes import EpisodeRecord
 from jaxrl_lm.envs.base import transcript_legal_actions
 from jaxrl_lm.envs.normalize import TaskStats
@@ -93,8 +93,8 @@ def _normalize(value: float, task_stats: TaskStats | Mapping[str, Any]) -> float
 
 
 @functools.lru_cache(maxsize=None)
-def _generated_task_stats(task: str, episodes: int, seed: int) -> TaskStats:
-    return TaskStats.from_dict(envs.make_dataset(task, episodes=episodes, seed=seed)[1])
+def _generated_task_stats(task: str, episodes: int, seed: int, behaviour: str = "") -> TaskStats:
+    return TaskStats.from_dict(envs.make_dataset(task, episodes=episodes, seed=seed, behaviour=behaviour)[1])
 
 
 def load_task_stats(task: str, cfg: Optional[Config] = None, stats_file: Optional[str | Path] = None) -> TaskStats:
@@ -102,8 +102,8 @@ def load_task_stats(task: str, cfg: Optional[Config] = None, stats_file: Optiona
 
     From ``stats_file`` (``scripts/generate_task_data.py``'s ``*.stats.json``) when given; else from the dataset
     ``cfg`` trained on: the stats file beside a JSONL ``data.path``, or, for ``data.path: task:NAME``, the
-    same in-memory dataset regenerated (``data.task_episodes``, ``data.seed``; cached per process). Without
-    either, the anchors of a 1000-episode seed-0 dataset (``generate_task_data.py``'s defaults).
+    same in-memory dataset regenerated (``data.task_episodes``, ``data.seed``, ``data.task_behaviour``; cached per
+    process). Without either, the anchors of a 1000-episode seed-0 dataset (``generate_task_data.py``'s defaults).
     """
     if stats_file is not None:
         return TaskStats.from_dict(json.loads(Path(stats_file).read_text()))
@@ -112,7 +112,7 @@ def load_task_stats(task: str, cfg: Optional[Config] = None, stats_file: Optiona
         if beside.is_file():
             return load_task_stats(task, stats_file=beside)
     if cfg is not None and cfg.data.path == f"task:{task}":
-        return _generated_task_stats(task, cfg.data.task_episodes, cfg.data.seed)
+        return _generated_task_stats(task, cfg.data.task_episodes, cfg.data.seed, cfg.data.task_behaviour)
     return _generated_task_stats(task, 1000, 0)
 
 
@@ -190,35 +190,75 @@ def evaluate_params(cfg: Config | ModelConfig, params: Params, task: str, *, epi
                            legality=legality)
 
 
-# Summary fields logged as eval/<policy>/<field> during training (jaxrl_lm.train.loop).
+# Summary fields logged as eval/<policy>/<decoding>/<field> during training (jaxrl_lm.train.loop), and as
+# eval/<policy>/<field> from the better decoding (best_of_decodings).
 TRAINING_FIELDS = ("normalized_score", "mean_return", "success_rate", "mean_steps")
 
 
+def decoding_of(policy: Mapping[str, Any]) -> str:
+    """``"greedy"`` or ``"sampled"``: how a described policy (``describe``) decodes. The utterance policy always
+    samples its candidates, so it is ``"sampled"`` (its choice among them is the argmax of Q)."""
+    return "sampled" if policy["temperature"] > 0 else "greedy"
+
+
 def evaluate_training_policies(cfg: Config, params: Params, *, seed: int = 0) -> list[dict[str, Any]]:
-    """Evaluates ``params`` as each policy of ``cfg.eval.policies`` on ``eval_task(cfg)`` with the ``eval``
-    section's knobs (what the training loop runs every ``eval.every`` steps; ``eval.legal_actions`` decodes only
-    the env's legal actions). One result per policy, each with ``"records"`` removed and ``"policy"`` describing
-    its knobs."""
+    """Evaluates ``params`` as each policy of ``cfg.eval.policies`` on ``eval_task(cfg)``, once per decoding of
+    ``cfg.eval.decodings`` (greedy: temperature 0; sampled: ``eval.temperature``), with the ``eval`` section's
+    other knobs (what the training loop runs every ``eval.every`` steps; ``eval.legal_actions`` decodes only the
+    env's legal actions). The utterance policy chooses among sampled candidates, so it is evaluated once (its
+    ``"sampled"`` row) whatever the decodings. One result per policy and decoding, policy-major, each with
+    ``"records"`` removed, ``"policy"`` describing its knobs and ``"decoding"`` naming the decoding."""
     e = cfg.eval
     task = eval_task(cfg)
     results = []
     for kind in e.policies:
         # The utterance policy samples its candidates (eval.candidate_temperature) and picks the best by Q.
-        sampled = dict(best_of=e.candidates, temperature=e.candidate_temperature) if kind == "utterance" else \
-            dict(temperature=e.temperature)
-        if e.legal_actions:  # constrained decoding: each turn is one of the env's legal actions
-            sampled["actions"] = transcript_legal_actions
-        result = evaluate_params(cfg, params, task, episodes=e.episodes or None, batch_size=e.batch_size,
-                                 kind=kind, beta=e.beta, max_new_tokens=e.max_new_tokens, seed=seed, **sampled)
-        result.pop("records")
-        results.append(result)
+        runs = [dict(best_of=e.candidates, temperature=e.candidate_temperature)] if kind == "utterance" else \
+            [dict(temperature=0.0 if d == "greedy" else e.temperature) for d in e.decodings]
+        for knobs in runs:
+            if e.legal_actions:  # constrained decoding: each turn is one of the env's legal actions
+                knobs["actions"] = transcript_legal_actions
+            result = evaluate_params(cfg, params, task, episodes=e.episodes or None, batch_size=e.batch_size,
+                                     kind=kind, beta=e.beta, max_new_tokens=e.max_new_tokens, seed=seed, **knobs)
+            result.pop("records")
+            result["decoding"] = decoding_of(result["policy"])
+            results.append(result)
     return results
 
 
-def training_metrics(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """``{"eval/<policy>/<field>": value}`` for TensorBoard, metrics.jsonl and keep-best ranking."""
-    return {f"eval/{r['policy']['kind']}/{field}": float(r[field])
-            for r in results for field in TRAINING_FIELDS if field in r}
+def result_score(result: Mapping[str, Any]) -> float:
+    """The number results are ranked by: the normalised score, else the mean return."""
+    return float(result.get("normalized_score", result["mean_return"]))
+
+
+def best_of_decodings(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``metrics`` (``eval/<policy>/<decoding>/<field>``) with ``eval/<policy>/<field>`` added from each policy's
+    better decoding (higher normalised score, else mean return; greedy on a tie) and
+    ``eval/<policy>/best_is_greedy`` (1.0 or 0.0). A method "beats BC" only against BC's better decoding, and
+    this is the number that says so. For a stack of seeds, average the per-decoding metrics first: the decoding
+    is chosen by the mean, not seed by seed."""
+    out = dict(metrics)
+    per_policy: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[0] == "eval" and parts[2] in DECODINGS:
+            per_policy.setdefault(parts[1], {}).setdefault(parts[2], {})[parts[3]] = value
+    for kind, decodings in per_policy.items():
+        def rank(d: str) -> tuple[float, bool]:
+            fields = decodings[d]
+            return fields.get("normalized_score", fields.get("mean_return", -math.inf)), d == "greedy"
+        best = max(decodings, key=rank)
+        out.update({f"eval/{kind}/{field}": value for field, value in decodings[best].items()})
+        out[f"eval/{kind}/best_is_greedy"] = float(best == "greedy")
+    return out
+
+
+def training_metrics(results: Sequence[Mapping[str, Any]], *, best: bool = True) -> dict[str, float]:
+    """``{"eval/<policy>/<decoding>/<field>": value}`` for TensorBoard, metrics.jsonl and keep-best ranking,
+    with the better decoding's ``eval/<policy>/<field>`` (``best_of_decodings``) unless ``best`` is False."""
+    metrics = {f"eval/{r['policy']['kind']}/{r.get('decoding', decoding_of(r['policy']))}/{field}": float(r[field])
+               for r in results for field in TRAINING_FIELDS if field in r}
+    return best_of_decodings(metrics) if best else metrics
 
 
 _COLUMNS = (("task", "task", "{}"), ("policy", "policy", "{}"), ("episodes", "episodes", "{}"),

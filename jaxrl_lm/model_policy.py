@@ -327,7 +327,8 @@ def load_policy(
       max_new_tokens: token budget of one action turn, its EOT included.
         Left out (None), ``kind``, ``beta``, ``temperature``, ``best_of`` and ``max_new_tokens`` are those the run
         was evaluated with, from a full ``Config`` (the one saved in a run directory): the last of
-        ``eval.policies``, ``eval.beta``, ``eval.temperature`` (``eval.candidate_temperature`` and
+        ``eval.policies``, ``eval.beta``, the first of ``eval.decodings`` (greedy: temperature 0; sampled:
+        ``eval.temperature``) (``eval.candidate_temperature`` and
         ``eval.candidates`` for ``utterance``), ``eval.max_new_tokens``; with a bare ``ModelConfig``: ``ilql``,
         1.0, 1.0, 1, 32.
       tokenizer: default: the run directory's own copy (``<run>/tokenizer``, written when training starts), else
@@ -367,7 +368,9 @@ def load_policy(
         kind = kind or e.policies[-1]
         utterance = kind == "utterance"
         beta = e.beta if beta is None else beta
-        temperature = (e.candidate_temperature if utterance else e.temperature) if temperature is None else temperature
+        if temperature is None:  # the run's first decoding (eval.decodings: greedy = 0, sampled = eval.temperature)
+            temperature = e.candidate_temperature if utterance else 0.0 if e.decodings[0] == "greedy" else \
+                e.temperature
         best_of = (e.candidates if utterance else 1) if best_of is None else best_of
         max_new_tokens = e.max_new_tokens if max_new_tokens is None else max_new_tokens
     kind = kind or "ilql"

@@ -1,8 +1,14 @@
 """Evaluate a checkpoint as a policy on a built-in task (mean return, normalised score, 95% CI, success rate), and/or
 diagnose its values on its own dataset.
 
-    python scripts/evaluate.py runs/maze --task maze --policy ilql --beta 4 --episodes 50
+    python scripts/evaluate.py runs/maze --task maze                   # the run's own eval settings
+    python scripts/evaluate.py runs/maze --task maze --policy bc --decodings greedy --episodes 50
     python scripts/evaluate.py runs/demo --diagnostics
+
+The policy kind, ILQL beta, decodings and sampling temperature default to those the run was evaluated with (its
+saved config's ``eval`` section: the last of ``eval.policies``, ``eval.beta``, ``eval.decodings``,
+``eval.temperature``). Each policy is evaluated once per decoding, greedy (temperature 0) and sampled, side by
+side: one row each (the utterance policy chooses among sampled candidates, so it has one row).
 
 CKPT is a run directory (``train.out_dir``) or its ``checkpoints`` directory; the newest complete step is used
 unless ``--step`` is given. Prints a Markdown table and writes ``<out>/<task>_<policy>_step<S>.md``, ``.json``
@@ -26,11 +32,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import jaxrl_lm  # noqa: F401  (before jax: picks the CPU platform quietly where no accelerator is visible)
 import jax
 
 from jaxrl_lm import envs
 from jaxrl_lm.checkpoints import load_params, run_dir, run_seeds
-from jaxrl_lm.config import POLICY_KINDS
+from jaxrl_lm.config import DECODINGS, POLICY_KINDS
 from jaxrl_lm.data import load_tokenizer
 from jaxrl_lm.eval import evaluate_policy, load_task_stats, markdown_table, write_report
 from jaxrl_lm.experiments.diagnostics import dataset_batches, value_diagnostics, write_diagnostics
@@ -42,14 +49,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("checkpoint", type=Path, help="run directory or its checkpoints/ directory")
     parser.add_argument("--task", default=None, choices=envs.task_names(),
                         help="built-in task to play (the policy evaluation; not needed for --diagnostics alone)")
-    parser.add_argument("--policy", default="ilql", choices=POLICY_KINDS,
-                        help="policy extraction (docs/design.md section 3)")
-    parser.add_argument("--beta", type=float, default=1.0, help="ilql advantage weight")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--policy", default=None, choices=POLICY_KINDS,
+                        help="policy extraction (docs/design.md section 3); default: the last of the run's "
+                             "eval.policies")
+    parser.add_argument("--beta", type=float, default=None, help="ilql advantage weight; default: eval.beta")
+    parser.add_argument("--decodings", nargs="+", default=None, choices=DECODINGS,
+                        help="greedy (temperature 0) and/or sampled (at --temperature); default: eval.decodings")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="the sampled decoding's temperature; default: eval.temperature (0 = greedy only)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k best tokens; 0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
-    parser.add_argument("--best-of", type=int, default=1, help="candidate turns per step; highest Q wins")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="token budget of one action turn")
+    parser.add_argument("--best-of", type=int, default=None,
+                        help="candidate turns per step, highest Q wins; default 1 (utterance: eval.candidates)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="token budget of one action turn; default: eval.max_new_tokens")
     parser.add_argument("--max-turns", type=int, default=None,
                         help="most recent turns a prompt keeps; default: the task's context_turns (or all that fit)")
     parser.add_argument("--episodes", type=int, default=None, help="default: every evaluation start once")
@@ -73,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.task is None and not args.diagnostics:
         parser.error("give --task (evaluate the policy on a built-in task), --diagnostics, or both")
+    if args.temperature is not None and args.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {args.temperature}")
     return args
 
 
@@ -92,20 +107,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def decoding_runs(args: argparse.Namespace, cfg, kind: str) -> list[tuple[str, float | None]]:
+    """``[(decoding, temperature)]`` to evaluate ``kind`` with: the run's ``eval.decodings`` unless ``--decodings``
+    says otherwise; ``--temperature 0`` means greedy only. The utterance policy samples its candidates: one run at
+    ``--temperature`` (None: the run's ``eval.candidate_temperature``)."""
+    if kind == "utterance":
+        return [("sampled", args.temperature)]
+    decodings = args.decodings or (["greedy"] if args.temperature == 0 else list(cfg.eval.decodings))
+    sampled = args.temperature or cfg.eval.temperature
+    return [(d, 0.0 if d == "greedy" else sampled) for d in dict.fromkeys(decodings)]
+
+
 def evaluate(args: argparse.Namespace, cfg, models: list, step: int) -> None:
-    """The policy of each model on ``args.task``: a Markdown table and the report files."""
+    """The policy of each model on ``args.task``, once per decoding: a Markdown table and the report files."""
     stats = load_task_stats(args.task, cfg, args.stats)
+    kind = args.policy or cfg.eval.policies[-1]
     results = []
     for seed, model in models:
-        policy = load_policy(model, args.policy, cfg=cfg, beta=args.beta, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, best_of=args.best_of,
-                             max_new_tokens=args.max_new_tokens, seed=args.seed,
-                             max_turns=args.max_turns or envs.get_task(args.task).context_turns)
-        result = evaluate_policy(policy, args.task, episodes=args.episodes, task_stats=stats,
-                                 batch_size=args.batch_size, legality=args.legal_actions)
-        result.update(checkpoint=str(args.checkpoint), step=step, **({} if seed is None else {"train_seed": seed}))
-        results.append(result)
-    name = f"{args.task}_{args.policy}_step{step}" + ("" if args.train_seed is None else f"_seed{args.train_seed}")
+        for decoding, temperature in decoding_runs(args, cfg, kind):
+            policy = load_policy(model, kind, cfg=cfg, beta=args.beta, temperature=temperature,
+                                 top_k=args.top_k, top_p=args.top_p, best_of=args.best_of,
+                                 max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                 max_turns=args.max_turns or envs.get_task(args.task).context_turns)
+            result = evaluate_policy(policy, args.task, episodes=args.episodes, task_stats=stats,
+                                     batch_size=args.batch_size, legality=args.legal_actions)
+            result.update(checkpoint=str(args.checkpoint), step=step, decoding=decoding,
+                          **({} if seed is None else {"train_seed": seed}))
+            results.append(result)
+    name = f"{args.task}_{kind}_step{step}" + ("" if args.train_seed is None else f"_seed{args.train_seed}")
     md, js = write_report(results, args.out or run_dir(args.checkpoint) / "eval", name)
     print(markdown_table(results), end="")
     print(f"{sum(r['episodes'] for r in results)} episodes in {sum(r['seconds'] for r in results):.1f} s; "

@@ -387,10 +387,13 @@ def test_training_evaluation_and_the_evaluate_script_decode_only_legal_actions(t
                       data__task_episodes=64, train__steps=2, train__log_every=1, train__out_dir=str(tmp_path / "run"),
                       eval__every=2, eval__episodes=4, eval__policies=["ilql"], eval__legal_actions=True)
     run_lib.run(cfg, progress=False)
-    (line,) = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
-    assert line["policy"]["actions"]  # the policy was built with the env's legal actions
+    lines = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [line["decoding"] for line in lines] == ["greedy", "sampled"]
+    assert all(line["policy"]["actions"] for line in lines)  # the policy was built with the env's legal actions
     evaluate = load_script("evaluate")
     assert evaluate.main([str(tmp_path / "run"), "--task", "twenty_questions", "--episodes", "4", "--beta", "4",
                           "--legal-actions", "--out", str(tmp_path / "ev")]) == 0
-    (report,) = json.loads(next((tmp_path / "ev").glob("*.json")).read_text())
-    assert 0.0 <= report["legal_rate"] <= 1.0 and report["constrained"]["legal_rate"] == 1.0
+    reports = json.loads(next((tmp_path / "ev").glob("*.json")).read_text())
+    assert [r["decoding"] for r in reports] == ["greedy", "sampled"]
+    for report in reports:
+        assert 0.0 <= report["legal_rate"] <= 1.0 and report["constrained"]["legal_rate"] == 1.0

@@ -25,7 +25,7 @@ from jaxrl_lm.train import loop
 # What a clean start must not print: a traceback, an error or warning (Python's logging, absl's "E0000"/"W0000"
 # lines), or anything from the accelerator plugins.
 NOISE = re.compile(r"Traceback|\bERROR\b|\bWARNING\b|^[EW]\d{4} |absl|cuda|\bTPU\b|libtpu|accelerator", re.I | re.M)
-TABLE_HEAD = "| policy | normalised score | success rate | mean return |"
+TABLE_HEAD = "| policy | decoding | normalised score | success rate | mean return |"
 
 
 def readme_setup_commands() -> list[str]:
@@ -65,10 +65,13 @@ def test_the_readme_main_job_prints_its_result_and_no_noise(tmp_path):
     lines = proc.stdout.splitlines()
     head = lines.index(TABLE_HEAD)
     rows = [line for line in lines[head + 2:] if line.startswith("| ")]
-    assert [row.split(" | ")[0] for row in rows] == ["| bc (imitation: the LM head)", "| ilql (offline Q-learning)"]
+    assert [tuple(row.split(" | ")[:2]) for row in rows] == [
+        (f"| {p}", d) for p in ("bc (imitation: the LM head)", "ilql (offline Q-learning)") for d in ("greedy", "sampled")]
+    assert lines[head + 2 + len(rows)].startswith("Against BC's better decoding (")
     assert lines[head - 1].startswith("grid after 4 steps (4 episodes")
     assert "metrics.jsonl" in lines[-1] and f"tensorboard --logdir {tmp_path / 'demo'}" in lines[-1]
-    assert (tmp_path / "demo" / "eval.jsonl").read_text().count("\n") == 2  # bc and ilql, once, at the end
+    # bc and ilql, greedy and sampled, once, at the end
+    assert (tmp_path / "demo" / "eval.jsonl").read_text().count("\n") == 4
 
 
 def platform_after_import(env: dict[str, str]) -> tuple[str, str]:
@@ -91,6 +94,9 @@ def test_import_chooses_the_cpu_only_where_no_accelerator_is_visible():
     # JAX_PLATFORMS set, even to "" (JAX's automatic choice), is the user's: nothing is chosen for them.
     stdout, _ = platform_after_import(user_env(JAX_PLATFORMS=""))
     assert stdout.splitlines()[0] == "''"
+    # JAX_PLATFORMS=cpu chosen by the user: the CPU, and the same quiet import.
+    stdout, stderr = platform_after_import(user_env(JAX_PLATFORMS="cpu"))
+    assert stdout.splitlines() == ["'cpu'", "cpu"] and not NOISE.search(stderr), stderr
 
 
 @pytest.mark.parametrize("probe", ["nvidia", "tpu_pci", "amd", "amd_unknown", "device_node"])

@@ -22,13 +22,16 @@ A method with ``online.enabled: true`` in its overrides plays its task as it tra
 Every other method's seeds train side by side in one compiled update, through the training loop
 (``jaxrl_lm.experiments.run.run(cfg, seeds=...)``: the update under ``jax.vmap``, every seed reading the same
 batches, with the loop's checks), and every ``eval.every`` steps and at the end each seed's parameters play the
-task with the method's policy (``jaxrl_lm.experiments.hooks.evaluation_hook``), which gives the learning curves
-(normalised score against steps). The final score of a seed is its last evaluation. Outputs in the output
+task with the method's policy (``jaxrl_lm.experiments.hooks.evaluation_hook``), greedily and sampled
+(``eval.decodings``), which gives the learning curves (normalised score against steps), one per decoding. The
+final score of a seed is its last evaluation; a method's ``best_decoding`` is the one with the higher mean over
+seeds, and a method beats BC only if it beats BC's better decoding. Outputs in the output
 directory: ``<method>/`` per method (the loop's run directory: config, metrics, ``eval.jsonl``, the final stacked
 checkpoint, and ``result.json`` with its curves, final scores and training-metric history; a method whose
 ``result.json`` exists is not retrained, and a method trained again starts from an emptied directory),
-``results.json`` (all of them), ``results.md`` (the table: mean, standard deviation, minimum and maximum over
-seeds, each seed's score, and an actor's final KL to its reference policy) and ``learning_curves.png``.
+``results.json`` (all of them), ``results.md`` (the table, a row per method and decoding: mean, standard deviation,
+minimum and maximum over seeds, each seed's score, the margin over BC's better decoding, and an actor's final KL
+to its reference policy) and ``learning_curves.png``.
 """
 
 from __future__ import annotations
@@ -158,15 +161,21 @@ def train_method(cfg: Config, method: Method, seeds: Sequence[int], progress: bo
                       episodes=resolve_episodes(cfg), progress=progress)
         _check_finished(final, method, cfg, out_dir)
         arrays = history.arrays()
-    finals = {s: curves[s][-1][1] for s in seeds}
-    scores = np.array(list(finals.values()))
+    # Per decoding (greedy, sampled: eval.decodings): each seed's last evaluation and their spread over seeds.
+    finals = {d: {s: by_seed[s][-1][1] for s in seeds} for d, by_seed in curves.items()}
+    spread = {d: _spread(np.array(list(f.values()))) for d, f in finals.items()}
     kl = arrays.get("kl_to_reference")
     return {"policy": method.policy, "overrides": method.overrides, "init_from": method.init_from,
-            "final_kl": None if kl is None else float(np.mean(kl[-1])), "curves": {s: curves[s] for s in seeds},
-            "final": finals, "mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
-            "min": float(scores.min()), "max": float(scores.max()),
+            "final_kl": None if kl is None else float(np.mean(kl[-1])), "curves": curves, "final": finals,
+            **{k: {d: v[k] for d, v in spread.items()} for k in ("mean", "std", "min", "max")},
+            "best_decoding": max(spread, key=lambda d: (spread[d]["mean"], d == "greedy")),
             "history": {k: v.tolist() for k, v in arrays.items()},
             **({"env_episodes": {s: episodes[s] for s in seeds}} if episodes else {})}
+
+
+def _spread(scores: np.ndarray) -> dict[str, float]:
+    return {"mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+            "min": float(scores.min()), "max": float(scores.max())}
 
 
 def online_episodes(run_dir: Path) -> list[tuple[int, float]]:
@@ -183,9 +192,10 @@ def _check_finished(final: Mapping[str, Any], method: Method, cfg: Config, out_d
 
 def _json_keys_to_int(result: dict[str, Any]) -> dict[str, Any]:
     """JSON turned the seed keys into strings; make them ints again."""
-    for field in ("curves", "final", "env_episodes"):
-        if field in result:
-            result[field] = {int(k): v for k, v in result[field].items()}
+    for field in ("curves", "final"):  # decoding -> seed -> ...
+        result[field] = {d: {int(k): v for k, v in by_seed.items()} for d, by_seed in result[field].items()}
+    if "env_episodes" in result:
+        result["env_episodes"] = {int(k): v for k, v in result["env_episodes"].items()}
     return result
 
 
@@ -210,8 +220,9 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, fresh: bool = False,
         result_file = Path(cfg.train.out_dir) / "result.json"
         if result_file.exists() and not fresh:
             result = _json_keys_to_int(json.loads(result_file.read_text()))
-            if sorted(result["final"]) != sorted(exp.seeds):
-                raise ValueError(f"{result_file} holds seeds {sorted(result['final'])}, the experiment asks for "
+            held = sorted(next(iter(result["final"].values())))
+            if held != sorted(exp.seeds):
+                raise ValueError(f"{result_file} holds seeds {held}, the experiment asks for "
                                  f"{sorted(exp.seeds)}: pass --fresh to retrain, or another --out")
         else:
             result = train_method(cfg, method, exp.seeds, progress)

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxrl_lm import config as config_lib
 from jaxrl_lm import data, envs
-from jaxrl_lm.config import Config, load_config
+from jaxrl_lm.config import DECODINGS, Config, load_config
 from jaxrl_lm.experiments.hooks import Curves, evaluation_hook
 from jaxrl_lm.experiments.online import OnlineData
 from jaxrl_lm.models import Params
@@ -210,22 +210,30 @@ _POLICY_NAMES = {"bc": "bc (imitation: the LM head)", "ilql": "ilql (offline Q-l
 
 
 def evaluation_table(cfg: Config, final: Mapping[str, Any]) -> str:
-    """The run's last evaluation (``final``'s ``eval/<policy>/<field>`` metrics, the mean over seeds for a stack)
-    as a Markdown table: policy, normalised score, success rate, mean return; "" when nothing was evaluated."""
-    kinds = [k for k in cfg.eval.policies if f"eval/{k}/mean_return" in final]
-    if not kinds:
+    """The run's last evaluation (``final``'s ``eval/<policy>/<decoding>/<field>`` metrics, the mean over seeds for
+    a stack) as a Markdown table, a row per policy and decoding: normalised score, success rate, mean return; then
+    each policy's margin over BC's better decoding (a method beats imitation only if it beats both); "" when
+    nothing was evaluated."""
+    rows = [(k, d) for k in cfg.eval.policies for d in DECODINGS if f"eval/{k}/{d}/mean_return" in final]
+    if not rows:
         return ""
     e = cfg.eval
     episodes = f"{e.episodes} episodes" if e.episodes else "every start once"
-    decoding = "greedy" if e.temperature == 0 else f"sampled at T={e.temperature:g}"
     seeds = f", mean of seeds {final['seeds']}" if final.get("seeds") else ""
-    lines = [f"{config_lib.eval_task(cfg)} after {final['step']} steps ({episodes}, {decoding}{seeds}; ILQL beta "
-             f"{e.beta:g}; normalised: 0 = worst, 50 = the data's behaviour, 100 = optimal):",
-             "| policy | normalised score | success rate | mean return |", "|---|---|---|---|"]
-    for k in kinds:
-        score = final.get(f"eval/{k}/normalized_score")
-        lines.append(f"| {_POLICY_NAMES.get(k, k)} | {'-' if score is None else f'{score:.1f}'} | "
-                     f"{final[f'eval/{k}/success_rate']:.0%} | {final[f'eval/{k}/mean_return']:.2f} |")
+    lines = [f"{config_lib.eval_task(cfg)} after {final['step']} steps ({episodes}{seeds}; ILQL beta {e.beta:g}; "
+             f"sampled at T={e.temperature:g}; normalised: 0 = worst, 50 = the data's behaviour, 100 = optimal):",
+             "| policy | decoding | normalised score | success rate | mean return |", "|---|---|---|---|---|"]
+    for k, d in rows:
+        score = final.get(f"eval/{k}/{d}/normalized_score")
+        lines.append(f"| {_POLICY_NAMES.get(k, k)} | {d} | {'-' if score is None else f'{score:.1f}'} | "
+                     f"{final[f'eval/{k}/{d}/success_rate']:.0%} | {final[f'eval/{k}/{d}/mean_return']:.2f} |")
+    if "bc" in cfg.eval.policies and "eval/bc/mean_return" in final:
+        field = "normalized_score" if "eval/bc/normalized_score" in final else "mean_return"
+        bc = final[f"eval/bc/{field}"]
+        bc_decoding = "greedy" if final.get("eval/bc/best_is_greedy") else "sampled"
+        margins = [f"{k} {d} {final[f'eval/{k}/{d}/{field}'] - bc:+.1f}" for k, d in rows if k != "bc"]
+        if margins:
+            lines.append(f"Against BC's better decoding ({bc_decoding}, {bc:.1f}): {', '.join(margins)}.")
     return "\n".join(lines)
 
 

@@ -308,7 +308,8 @@ def _sampling_code(out: Path, kind: Optional[str], beta: float, tokenizer: Optio
         lines.append("inputs = {\"input_ids\": torch.tensor([[0]])}  # the prompt's ids: [BOS] observation [EOT]")
     kw = [f"max_new_tokens={run_config.eval.max_new_tokens if run_config is not None else 32}"]
     if run_config is not None:
-        temperature = run_config.eval.temperature
+        e = run_config.eval  # the run's first decoding, as load_policy defaults to
+        temperature = 0.0 if e.decodings[0] == "greedy" else e.temperature
         kw.append("do_sample=False" if temperature == 0 else f"temperature={temperature:g}")
     if kind is not None:
         lines.append(f"guide = ValueGuidedLogitsProcessor.from_export(path, model, kind=\"{kind}\", beta={beta:g})")
