@@ -4,10 +4,10 @@
     python scripts/make_tokenizer.py episodes.jsonl --out tokenizer.json --vocab-size 1024
 
 The source is a JSONL file of episodes or ``task:NAME`` (the built-in task's offline data: ``--episodes`` episodes
-drawn with ``--seed``, as ``data.path: task:NAME`` generates them). Ids 0..3 are the special tokens, then the 256
-bytes, then the merges (``jaxrl_lm.data.train_bpe_tokenizer``); training stops early when no pair of tokens
-repeats, so the file may hold fewer ids than ``--vocab-size``. Set ``model.vocab_size`` to at least the printed
-size and ``data.tokenizer`` to the file. The same source and options always write the same file.
+of ``--behaviour`` drawn with ``--seed``, as ``data.path: task:NAME`` generates them). Ids 0..3 are the special
+tokens, then the 256 bytes, then the merges (``jaxrl_lm.data.train_bpe_tokenizer``); training stops early when
+no pair of tokens repeats, so the file may hold fewer ids than ``--vocab-size``. Set ``model.vocab_size`` to at
+least the printed size and ``data.tokenizer`` to the file. The same source and options always write the same file.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from jaxrl_lm.data import read_jsonl, train_bpe_tokenizer
 from jaxrl_lm.data.loader import TASK_PREFIX
 
 
-def turn_texts(source: str, episodes: int, seed: int) -> list[str]:
+def turn_texts(source: str, episodes: int, seed: int, behaviour: str = "") -> list[str]:
     """Every turn's text of the source's episodes, in order."""
     if source.startswith(TASK_PREFIX):
         from jaxrl_lm import envs  # only built-in task data needs the environments
@@ -31,7 +31,7 @@ def turn_texts(source: str, episodes: int, seed: int) -> list[str]:
         name = source[len(TASK_PREFIX):]
         if name not in envs.task_names():
             raise ValueError(f"unknown built-in task {name!r}; known: {envs.task_names()}")
-        records, _ = envs.make_dataset(name, episodes=episodes, seed=seed)
+        records, _ = envs.make_dataset(name, episodes=episodes, seed=seed, behaviour=behaviour)
         return [turn["text"] for record in records for turn in record["turns"]]
     parsed, _ = read_jsonl(source)
     return [turn.text for episode in parsed for turn in episode.turns]
@@ -44,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=512, help="most ids, specials and the 256 bytes included")
     p.add_argument("--episodes", type=int, default=2000, help="task:NAME only: episodes generated (data.task_episodes)")
     p.add_argument("--seed", type=int, default=0, help="task:NAME only: data seed (data.seed)")
+    p.add_argument("--behaviour", default="", help="task:NAME only: which of the task's datasets "
+                   "(data.task_behaviour; default: the task's own)")
     args = p.parse_args(argv)
     try:
-        texts = turn_texts(args.source, args.episodes, args.seed)
+        texts = turn_texts(args.source, args.episodes, args.seed, args.behaviour)
         tokenizer = train_bpe_tokenizer(texts, args.vocab_size)
     except (ValueError, FileNotFoundError) as e:  # EpisodeError is a ValueError
         print(f"error: {e}", file=sys.stderr)

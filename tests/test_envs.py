@@ -201,6 +201,37 @@ def test_grid_dataset_holds_short_walks_truncated_unless_at_goal():
     assert 0 < stats["dataset"]["done_fraction"] < 0.5
 
 
+def test_grid_lure_is_each_nodes_most_frequent_data_move_and_never_reaches_the_goal():
+    g = grid.GridGraph()
+    for node in range(g.num_nodes):
+        if node == g.goal:
+            continue
+        lure = g.lure_move(node)
+        stays = lure not in g.neighbours[node]
+        assert lure in g.lattice_neighbours(node)
+        if all(n in g.neighbours[node] and g.distance[n] < g.distance[node] for n in g.lattice_neighbours(node)):
+            assert lure == g.best_move(node)  # every move is a shortest-path move: nothing to lure with
+        else:
+            assert (g.distance[node] if stays else g.distance[lure]) >= g.distance[node]  # never a step closer
+        walked, here = 0, node
+        while walked < 40 and here != g.goal:
+            here = g.lure_move(here) if g.lure_move(here) in g.neighbours[here] else here
+            walked += 1
+        assert here != g.goal
+    # In the default (lure) data the lure is each state's most frequent move; in the legacy data the best move is.
+    for behaviour, most in (("", "lure"), ("legacy", "best")):
+        episodes, _ = envs.make_dataset(envs.get_task("grid").with_behaviour(behaviour), 2000, seed=0)
+        counts: dict[int, Counter] = {}
+        for e in episodes:
+            turns = e["turns"]
+            for obs, act in zip(turns[0::2], turns[1::2]):
+                counts.setdefault(int(obs["text"].split()[1]), Counter())[int(act["text"].split()[1])] += 1
+        argmax = {n: c.most_common(1)[0][0] for n, c in counts.items()}
+        expected = {n: g.lure_move(n) if most == "lure" else g.best_move(n) for n in argmax}
+        agree = np.mean([argmax[n] == expected[n] for n in argmax])
+        assert agree >= 0.9, (behaviour, agree)  # sampling noise may swap a close pair at a rarely visited node
+
+
 # ------------------------------------------------------------------------------------------ maze
 
 

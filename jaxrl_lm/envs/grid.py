@@ -10,7 +10,10 @@ so a start ``d`` moves from the goal has optimal return ``-(d - 1)``). An action
 node that is not a neighbour costs -1 and leaves the agent where it is.
 
 Dataset: walks of ``MIN_WALK_STEPS .. MAX_WALK_STEPS`` actions (uniform, about 4 on average) from starts spread
-uniformly over the graph, mostly random lattice moves (some of them illegal because the edge is missing); a walk
+uniformly over the graph. The default behaviour (``lure``) makes a wrong move each node's most frequent one
+(``lure_behaviour_policy``), so that greedy imitation fails; the ``legacy`` data (``data.task_behaviour:
+legacy``: mostly random lattice moves, some of them illegal because the edge is missing) had the best move as
+each node's most frequent one, so greedy imitation of it was optimal. A walk
 is truncated (``done=False``) unless it really reaches the goal. No walk from a start more than
 ``MAX_WALK_STEPS`` moves away reaches the goal, so an optimal path from far away never appears whole: only
 bootstrapping can join the pieces. The lengths vary because a truncated walk bootstraps from the value at its
@@ -35,9 +38,10 @@ from collections import deque
 import numpy as np
 
 from jaxrl_lm.envs.base import Policy, Transcript
-from jaxrl_lm.envs.tasks import ANCHOR_BEHAVIOUR, TaskSpec, register_task
+from jaxrl_lm.envs.tasks import ANCHOR_BEHAVIOUR, DataRecipe, TaskSpec, register_task
 
 MIN_WALK_STEPS, MAX_WALK_STEPS = 1, 7
+LURE_P, LURE_P_BEST = 0.45, 0.30  # the default data's lure and best-move probabilities (lure_behaviour_policy)
 EVAL_STEPS = 30
 _ACTION = re.compile(r"go (\d{1,4})")
 
@@ -74,6 +78,17 @@ class GridGraph:
     def best_move(self, node: int) -> int:
         """The neighbour closest to the goal (lowest id on ties, so the reference policy is deterministic)."""
         return min(self.neighbours[node], key=lambda n: (self.distance[n], n))
+
+    def lure_move(self, node: int) -> int:
+        """The lattice move that leaves the agent farthest from the goal among those that are not shortest-path
+        moves (a missing edge counts as staying put; lowest id on ties). From any node of the seed-0 graph,
+        following it never reaches the goal (tests/test_envs.py)."""
+        after = {n: self.distance[n] if n in self.neighbours[node] else self.distance[node]
+                 for n in self.lattice_neighbours(node)}
+        wrong = {n: d for n, d in after.items() if d >= self.distance[node]}
+        if not wrong:  # every lattice move is a shortest-path move: there is no wrong move to lure with
+            return self.best_move(node)
+        return max(wrong, key=lambda n: (wrong[n], -n))
 
     def _lattice_edges(self) -> list[tuple[int, int]]:
         return [(a, b) for a in range(self.num_nodes) for b in self.lattice_neighbours(a) if a < b]
@@ -151,9 +166,35 @@ def optimal_policy() -> Policy:
     return act
 
 
+def lure_behaviour_policy(seed: int, p_lure: float = LURE_P, p_best: float = LURE_P_BEST) -> Policy:
+    """The default data: with probability ``p_lure`` the node's lure move (``GridGraph.lure_move``: away from the
+    goal, or into a missing edge), with ``p_best`` the shortest-path move, else a uniformly random lattice move.
+    The lure is each node's most frequent move (0.45 + 0.25/k against 0.30 + 0.25/k for the best move, k = 2..4
+    lattice moves), so imitation decoded greedily walks away from the goal in every state, and sampled it drifts
+    away; the best move is still in the data at every node, for a value-based method to pick out and stitch."""
+    rng = np.random.default_rng(seed)
+
+    def act(transcripts: list[Transcript]) -> list[str]:
+        actions = []
+        for t in transcripts:
+            graph, node = t.env.graph, t.env.node
+            u = rng.random()
+            if u < p_lure:
+                actions.append(f"go {graph.lure_move(node)}")
+            elif u < p_lure + p_best:
+                actions.append(f"go {graph.best_move(node)}")
+            else:
+                options = graph.lattice_neighbours(node)
+                actions.append(f"go {options[rng.integers(len(options))]}")
+        return actions
+
+    return act
+
+
 def behaviour_policy(seed: int, p_random: float = 0.8) -> Policy:
-    """With probability ``p_random`` a uniformly random lattice move (illegal if the edge is missing), else the
-    shortest-path move."""
+    """The ``legacy`` data: with probability ``p_random`` a uniformly random lattice move (illegal if the edge is
+    missing), else the shortest-path move. Its most frequent move is the best one in every state (0.2 + 0.8/k
+    against 0.8/k), so greedy imitation of it is optimal."""
     rng = np.random.default_rng(seed)
 
     def act(transcripts: list[Transcript]) -> list[str]:
@@ -174,7 +215,7 @@ register_task(
     TaskSpec(
         name="grid",
         make_env=GridEnv,
-        behaviour=behaviour_policy,
+        behaviour=lure_behaviour_policy,
         optimal=optimal_policy,
         data_steps=MAX_WALK_STEPS,
         data_min_steps=MIN_WALK_STEPS,
@@ -182,5 +223,9 @@ register_task(
         worst_return=-float(EVAL_STEPS),
         anchor=ANCHOR_BEHAVIOUR,
         context_turns=1,  # the current observation alone: what every data walk shows at its start
+        behaviour_name="lure",
+        # The data before greedy decoding was evaluated: greedy imitation of it is optimal (data.task_behaviour)
+        other_behaviours={"legacy": DataRecipe(behaviour_policy, data_steps=MAX_WALK_STEPS,
+                                               data_min_steps=MIN_WALK_STEPS, anchor=ANCHOR_BEHAVIOUR)},
     )
 )

@@ -10,9 +10,10 @@ policy's mean return over them is exact, not a sample.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -26,6 +27,17 @@ from jaxrl_lm.envs.normalize import TaskStats
 # evaluation protocol.
 ANCHOR_DATASET = "dataset"
 ANCHOR_BEHAVIOUR = "behaviour"
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """A named alternative to a task's own dataset settings (``TaskSpec.other_behaviours``); the fields mean
+    what the ``TaskSpec`` fields of the same names mean."""
+
+    behaviour: Callable[[int], Policy]
+    data_steps: int
+    data_min_steps: Optional[int] = None
+    anchor: str = ANCHOR_DATASET
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,10 @@ class TaskSpec:
       context_turns: most recent turns an evaluated model policy reads (``load_policy(max_turns=...)``); None =
         as many as fit its context. Set when evaluation episodes outlast the dataset's, so that a model never
         reads a longer history (positions it never trained on) than the data showed it.
+      behaviour_name: the name of the data that ``behaviour``, ``data_steps``, ``data_min_steps`` and ``anchor``
+        write (``data.task_behaviour``; "" there names this one).
+      other_behaviours: other datasets of the task by name (the maze keeps its earlier data as ``legacy``);
+        :meth:`with_behaviour` picks one.
     """
 
     name: str
@@ -59,6 +75,8 @@ class TaskSpec:
     anchor: str = ANCHOR_DATASET
     context_turns: Optional[int] = None
     data_min_steps: Optional[int] = None
+    behaviour_name: str = "default"
+    other_behaviours: Mapping[str, DataRecipe] = dataclasses.field(default_factory=dict, compare=False)
 
     @functools.cached_property
     def num_instances(self) -> int:
@@ -74,6 +92,28 @@ class TaskSpec:
     def __post_init__(self) -> None:
         if self.anchor not in (ANCHOR_DATASET, ANCHOR_BEHAVIOUR):
             raise ValueError(f"TaskSpec {self.name!r}: anchor must be 'dataset' or 'behaviour', got {self.anchor!r}")
+        if self.behaviour_name in self.other_behaviours or not self.behaviour_name:
+            raise ValueError(f"TaskSpec {self.name!r}: behaviour_name {self.behaviour_name!r} must be non-empty "
+                             f"and not also in other_behaviours")
+
+    @property
+    def behaviour_names(self) -> list[str]:
+        """Names of the task's datasets, its own first."""
+        return [self.behaviour_name, *self.other_behaviours]
+
+    def with_behaviour(self, name: str) -> "TaskSpec":
+        """This task with the dataset settings called ``name`` ("" or ``behaviour_name``: this spec itself)."""
+        if name in ("", self.behaviour_name):
+            return self
+        if name not in self.other_behaviours:
+            raise ValueError(f"task {self.name!r} has no behaviour {name!r} (data.task_behaviour); "
+                             f"known: {self.behaviour_names}")
+        recipe = self.other_behaviours[name]
+        others = {self.behaviour_name: DataRecipe(self.behaviour, self.data_steps, self.data_min_steps, self.anchor),
+                  **{k: v for k, v in self.other_behaviours.items() if k != name}}
+        return dataclasses.replace(self, behaviour=recipe.behaviour, data_steps=recipe.data_steps,
+                                   data_min_steps=recipe.data_min_steps, anchor=recipe.anchor, behaviour_name=name,
+                                   other_behaviours=others)
 
 
 _TASKS: dict[str, TaskSpec] = {}
@@ -150,9 +190,10 @@ def optimal_return(task: str | TaskSpec) -> float:
     return _as_spec(task).optimal_return
 
 
-def behaviour_return(task: str | TaskSpec, seed: int, repeats: int = 8) -> float:
-    """Mean return of the behaviour policy under the evaluation protocol, ``repeats`` runs per start."""
-    spec = _as_spec(task)
+def behaviour_return(task: str | TaskSpec, seed: int, repeats: int = 8, behaviour: str = "") -> float:
+    """Mean return of the behaviour policy under the evaluation protocol, ``repeats`` runs per start;
+    ``behaviour``: which of the task's datasets' ("" = its own)."""
+    spec = _as_spec(task).with_behaviour(behaviour)
     return mean_return(evaluate(spec, spec.behaviour(seed), repeats=repeats))
 
 
@@ -162,14 +203,16 @@ def make_dataset(
     seed: int,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    behaviour: str = "",
 ) -> tuple[list[EpisodeRecord], dict]:
     """Offline dataset of ``episodes`` behaviour episodes and its stats (same seed, same data).
+    ``behaviour`` names one of the task's datasets (``TaskSpec.with_behaviour``; "" = its own).
 
     Returns:
       (episode records, stats) where stats holds the dataset's return summary and, under ``"normalisation"``,
       the worst / dataset / optimal returns that :func:`jaxrl_lm.envs.normalize.normalize` reads.
     """
-    spec = _as_spec(task)
+    spec = _as_spec(task).with_behaviour(behaviour)
     if episodes < 1:
         raise ValueError(f"make_dataset: episodes must be >= 1, got {episodes}")
     rng = np.random.default_rng(seed)
@@ -183,7 +226,8 @@ def make_dataset(
 
 
 def dataset_stats(task: str | TaskSpec, episodes: list[EpisodeRecord], seed: int) -> dict:
-    """Return summary of a dataset plus the normalisation anchors of its task."""
+    """Return summary of a dataset plus the normalisation anchors of its task (a spec from ``with_behaviour``
+    for another of its datasets)."""
     spec = _as_spec(task)
     returns = np.array([episode["meta"]["return"] for episode in episodes], dtype=np.float64)
     if spec.anchor == ANCHOR_DATASET:
@@ -195,6 +239,7 @@ def dataset_stats(task: str | TaskSpec, episodes: list[EpisodeRecord], seed: int
     anchors = TaskStats(worst=spec.worst_return, dataset=reference, optimal=spec.optimal_return)
     return {
         "task": spec.name,
+        "behaviour": spec.behaviour_name,
         "episodes": len(episodes),
         "seed": seed,
         "dataset": {
@@ -216,7 +261,8 @@ def dataset_stats(task: str | TaskSpec, episodes: list[EpisodeRecord], seed: int
 
 
 def task_dataset(data_cfg: DataConfig) -> list[EpisodeRecord]:
-    """The offline dataset of ``data.path: task:NAME``: ``data.task_episodes`` episodes drawn with ``data.seed``.
+    """The offline dataset of ``data.path: task:NAME``: ``data.task_episodes`` episodes of ``data.task_behaviour``
+    drawn with ``data.seed``.
 
     The entry points that build a loader resolve such a path with this (``jaxrl_lm.experiments.run``), so the
     data pipeline never imports the environments.
@@ -226,5 +272,6 @@ def task_dataset(data_cfg: DataConfig) -> list[EpisodeRecord]:
     name = data_cfg.path[len(TASK_PREFIX):]
     if name not in task_names():
         raise ValueError(f"data.path: unknown built-in task {name!r}; known: {task_names()}")
-    episodes, _ = make_dataset(name, episodes=data_cfg.task_episodes, seed=data_cfg.seed)
+    episodes, _ = make_dataset(name, episodes=data_cfg.task_episodes, seed=data_cfg.seed,
+                               behaviour=data_cfg.task_behaviour)
     return episodes
