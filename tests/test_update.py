@@ -138,3 +138,28 @@ def test_loss_decreases_on_a_fixed_batch(backup):
         state, metrics = update(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_weight_decay_reaches_weights_and_never_biases_or_norm_scales():
+    """With zero gradients, one AdamW step changes a parameter only through weight decay: every kernel and
+    embedding shrinks by lr * wd, and no bias or norm scale moves, whatever its rank (the layer scan stacks the
+    blocks' biases and scales into [n_layers, d] matrices, the K Q-heads stack theirs)."""
+    lr, wd = 0.1, 0.5
+    cfg = make_cfg(optim__learning_rate=lr, optim__weight_decay=wd, optim__warmup_steps=0, optim__grad_clip=0.0,
+                   optim__schedule="constant")
+    _, state = setup(cfg)
+    optimizer = jaxrl_lm.train.state.make_optimizer(cfg)
+    params = copy(state.params)
+    updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
+    seen = {True: 0, False: 0}
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        name = jax.tree_util.keystr(path)
+        leaf = params
+        for key in path:
+            leaf = leaf[key.key]
+        decayed = not (name.endswith("bias']") or name.endswith("['scale']"))
+        expected = -lr * wd * np.asarray(leaf) if decayed else np.zeros_like(leaf)
+        np.testing.assert_allclose(np.asarray(u), expected, rtol=1e-6, atol=1e-9, err_msg=name)
+        seen[decayed] += 1
+    assert seen[True] and seen[False]
+    assert np.ndim(params["transformer"]["h"]["ln_1"]["scale"]) == 2  # the stacked case a rank rule decayed

@@ -72,10 +72,19 @@ def learning_rate_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, main], [o.warmup_steps])
 
 
+def decays(path: tuple) -> bool:
+    """Whether weight decay applies to the parameter at ``path`` (a key path of the parameter dict): by the leaf's
+    name, not its rank, because the layer scan stacks every block's biases and norm scales into matrices
+    ``[n_layers, d]`` and the K Q-heads stack theirs into ``[K, ...]``."""
+    name = str(getattr(path[-1], "key", path[-1]))
+    return not (name.endswith("bias") or name == "scale")
+
+
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; weight decay only on matrices (not biases, norms or the V bias)."""
+    """AdamW with global-norm clipping; weight decay only on weights (kernels, embeddings, LoRA factors), never on
+    biases or norm scales (``decays``)."""
     o = cfg.optim
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)  # noqa: E731
     parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
     parts.append(
         optax.adamw(learning_rate_schedule(o, cfg.train.steps), b1=o.b1, b2=o.b2, eps=o.eps,
