@@ -221,19 +221,22 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def _param(array: np.ndarray) -> torch.nn.Parameter:
+    """A float32 parameter holding a copy of ``array``."""
+    return torch.nn.Parameter(torch.tensor(np.asarray(array, np.float32)))
+
+
 class QHeads(torch.nn.Module):
     """K Q-heads in our layout: ``fc_kernel [K, D, E]``, ``fc_bias [K, E]`` (mlp), ``out_kernel [K, V, E]``,
     ``out_bias [K, V]`` (when ``q_head_bias``); a linear head reads ``h`` itself (``E = D``)."""
 
     def __init__(self, tensors: Mapping[str, np.ndarray], vocab_size: int):
         super().__init__()
-        param = lambda a: torch.nn.Parameter(torch.tensor(np.asarray(a, np.float32)))  # noqa: E731
         self.is_mlp = "fc_kernel" in tensors
         if self.is_mlp:
-            self.fc_kernel = param(tensors["fc_kernel"])
-            self.fc_bias = param(tensors["fc_bias"])
-        self.out_kernel = param(np.asarray(tensors["out_kernel"])[:, :vocab_size])
-        self.out_bias = param(np.asarray(tensors["out_bias"])[:, :vocab_size]) if "out_bias" in tensors else None
+            self.fc_kernel, self.fc_bias = _param(tensors["fc_kernel"]), _param(tensors["fc_bias"])
+        self.out_kernel = _param(np.asarray(tensors["out_kernel"])[:, :vocab_size])
+        self.out_bias = _param(np.asarray(tensors["out_bias"])[:, :vocab_size]) if "out_bias" in tensors else None
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
         """``[S, D] -> [K, S, E]`` (mlp) or ``[1, S, D]`` (linear: shared by every head)."""
@@ -262,13 +265,10 @@ class VHead(torch.nn.Module):
 
     def __init__(self, tensors: Mapping[str, np.ndarray]):
         super().__init__()
-        param = lambda a: torch.nn.Parameter(torch.tensor(np.asarray(a, np.float32)))  # noqa: E731
         self.is_mlp = "fc_kernel" in tensors
         if self.is_mlp:
-            self.fc_kernel = param(tensors["fc_kernel"])
-            self.fc_bias = param(tensors["fc_bias"])
-        self.out_kernel = param(tensors["out_kernel"])
-        self.out_bias = param(tensors["out_bias"])
+            self.fc_kernel, self.fc_bias = _param(tensors["fc_kernel"]), _param(tensors["fc_bias"])
+        self.out_kernel, self.out_bias = _param(tensors["out_kernel"]), _param(tensors["out_bias"])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = torch.addmm(self.fc_bias, h, self.fc_kernel) if self.is_mlp else h
