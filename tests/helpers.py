@@ -1,6 +1,7 @@
-"""Helpers several test files share: random parameters drawn in NumPy, and a run trained straight against the
-same run interrupted and resumed."""
+"""Helpers several test files share: random parameters drawn in NumPy, the engine's jitted forward, and a run
+trained straight against the same run interrupted and resumed."""
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -10,7 +11,7 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 from jaxrl_lm.config import Config, ModelConfig
-from jaxrl_lm.models import build
+from jaxrl_lm.models import build, model_graphdef
 from jaxrl_lm.train import checkpoint, loop
 
 
@@ -25,6 +26,22 @@ def random_params(cfg: ModelConfig, seed: int = 0):
         return jnp.asarray(centre + 0.1 * rng.standard_normal(shape.shape), jnp.float32)
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def engine_forward(cfg: ModelConfig):
+    """Jitted ``params, tokens [B, L] -> (lm [B, L, Vp], q [K, B, L, Vp], value [B, L])`` of the engine's model
+    for ``cfg`` (every position of every row one segment), as NumPy arrays; compiled once per config."""
+    graphdef = model_graphdef(cfg)
+
+    @jax.jit
+    def run(params, tokens):
+        m = nnx.merge(graphdef, params)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        h = m.hidden(tokens, positions, jnp.ones_like(tokens))
+        return m.lm_logits(h), m.q_logits(h), m.value(h)
+
+    return lambda params, tokens: jax.tree.map(np.asarray, run(params, jnp.asarray(tokens)))
 
 
 def straight_and_resumed(make_cfg: Callable[..., Config], root, episodes, **kw: Any) -> Config:

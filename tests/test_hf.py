@@ -5,7 +5,6 @@ Reference models are tiny transformers models built here and saved to tmp direct
 """
 
 import dataclasses
-import functools
 import json
 import time
 
@@ -26,7 +25,7 @@ from jaxrl_lm.models import build
 from jaxrl_lm.models.transformer import init_cache
 from jaxrl_lm.rl.policy_extraction import merged_policy_weights, policy_scores
 from script_loader import load_script
-from helpers import random_params
+from helpers import engine_forward, random_params
 
 TOL = 1e-4
 V = 260  # the byte tokenizer's vocabulary, so every tiny model can carry it
@@ -63,21 +62,6 @@ def hf_dirs(tmp_path_factory):
         save_tokenizer("", path)
         dirs[kind] = path
     return dirs
-
-
-@functools.lru_cache(maxsize=None)
-def forward(cfg: ModelConfig):
-    """Jitted ``params, tokens [B, L] -> (lm logits, q logits, values)`` of our model for ``cfg``."""
-    graphdef = nnx.split(nnx.eval_shape(lambda: build(cfg)), nnx.Param)[0]  # abstract: no weights initialised
-
-    @jax.jit
-    def run(params, tokens):
-        m = nnx.merge(graphdef, params)
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        h = m.hidden(tokens, positions, jnp.ones_like(tokens))
-        return m.lm_logits(h), m.q_logits(h), m.value(h)
-
-    return lambda params, tokens: jax.tree.map(np.asarray, run(params, jnp.asarray(tokens)))
 
 
 def torch_logits(model_dir, tokens: np.ndarray) -> np.ndarray:
@@ -120,7 +104,7 @@ def test_import_logits_match_transformers(hf_dirs, kind):
     assert (cfg.n_kv_heads, cfg.attention_bias, cfg.tie_embeddings) == {
         "gpt2": (0, False, True), "llama": (2, False, False), "qwen2": (2, True, True)}[kind]
     x = tokens()
-    ours = forward(cfg)(params, x)[0]
+    ours = engine_forward(cfg)(params, x)[0]
     diff = max_diff(ours[..., :V], torch_logits(hf_dirs[kind], x))
     print(f"{kind}: import max |logit diff| = {diff:.2e}")
     assert diff < TOL
@@ -130,7 +114,7 @@ def test_import_logits_match_transformers(hf_dirs, kind):
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_q_init_from_lm_head(hf_dirs, head):
     cfg, params = import_hf(hf_dirs["llama"], q_init="lm_head", q_head=head, n_q_heads=2)
-    lm, q, _ = forward(cfg)(params, tokens())
+    lm, q, _ = engine_forward(cfg)(params, tokens())
     assert max_diff(q[0], lm) < TOL and max_diff(q[1], lm) < TOL
     with pytest.raises(ValueError, match="q_head_hidden_mult >= 2"):
         import_hf(hf_dirs["llama"], q_init="lm_head", q_head="mlp", q_head_hidden_mult=1)
@@ -179,7 +163,7 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path, family):
             "q_heads.safetensors", HEADS_JSON} <= {p.name for p in out.iterdir()}
 
     x = tokens()
-    ours = forward(cfg)(params, x)
+    ours = engine_forward(cfg)(params, x)
     diff = max_diff(torch_logits(out, x), ours[0][..., :V])
     print(f"{family}: export max |logit diff| = {diff:.2e}")
     assert diff < TOL
@@ -217,7 +201,7 @@ def test_merged_policy_export_is_exact(tmp_path, family):
     x = tokens()
     beta, temperature = 2.0, 0.7
     out = export_hf(params, cfg, tmp_path / "ilql", tokenizer="", policy="ilql", beta=beta, temperature=temperature)
-    lm, q, value = forward(cfg)(params, x)
+    lm, q, value = engine_forward(cfg)(params, x)
     hf = jax.nn.log_softmax(torch_logits(out, x))
     engine = jax.nn.log_softmax(policy_scores("ilql", lm, q, value, beta, cfg.vocab_size) / temperature)
     diff = max_diff(hf, engine)
@@ -244,7 +228,7 @@ def test_bias_free_q_head_merges_exactly_after_training_like_updates(tmp_path):
     assert "out_bias" not in params["q_heads"]
     x = tokens()
     out = export_hf(params, cfg, tmp_path / "ilql", policy="ilql", beta=3.0)
-    lm, q, value = forward(cfg)(params, x)
+    lm, q, value = engine_forward(cfg)(params, x)
     engine = jax.nn.log_softmax(policy_scores("ilql", lm, q, value, 3.0, cfg.vocab_size))
     assert max_diff(jax.nn.log_softmax(torch_logits(out, x)), engine) < TOL
     assert tree_equal(import_hf(out)[1], params)

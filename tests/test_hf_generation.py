@@ -9,7 +9,6 @@ exports load in transformers from tmp directories; nothing is downloaded.
 import ast
 import contextlib
 import dataclasses
-import functools
 import io
 import json
 import re
@@ -20,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
 from jaxrl_lm.config import REPO_ROOT, ModelConfig, load_config
 from jaxrl_lm.data.tokenizer import build_char_tokenizer
@@ -33,7 +31,7 @@ from jaxrl_lm.models import model_graphdef
 from jaxrl_lm.rl.policy_extraction import policy_scores
 from jaxrl_lm.train import checkpoint, init_state
 from script_loader import load_script
-from helpers import random_params
+from helpers import engine_forward, random_params
 
 TOL = 1e-4
 BETA = 4.0
@@ -45,21 +43,6 @@ CASES = {
     "linear": ("configs/models/llama_tiny.yaml", dict(model__n_q_heads=2, model__q_head="linear",
                                                       model__q_head_bias=False)),
 }
-
-
-@functools.lru_cache(maxsize=None)
-def engine_forward(cfg: ModelConfig):
-    """Jitted ``params, tokens [B, L] -> (lm [B, L, Vp], q [K, B, L, Vp], value [B, L])`` of the engine's model."""
-    graphdef = model_graphdef(cfg)
-
-    @jax.jit
-    def run(params, tokens):
-        m = nnx.merge(graphdef, params)
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        h = m.hidden(tokens, positions, jnp.ones_like(tokens))
-        return m.lm_logits(h), m.q_logits(h), m.value(h)
-
-    return lambda params, tokens: run(params, jnp.asarray(tokens))
 
 
 @pytest.fixture(scope="module")
