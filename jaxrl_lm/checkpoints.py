@@ -34,9 +34,24 @@ from jaxrl_lm.models import Params
 from jaxrl_lm.models.partition import Partition
 
 CHECKPOINT_SUBDIR = "checkpoints"
+REFUSED_SUBDIR = "checkpoints_refused"  # <train.out_dir>/checkpoints_refused/<step>: unreadable steps moved aside
 RUN_TOKENIZER = "tokenizer"  # <train.out_dir>/tokenizer: the run's own copy, so a moved run directory still loads
 ITEMS = ("state", "data", "config", "replay")  # replay: an online run's buffer contents (absent offline)
 LEGACY_TARGET = "target_params"  # the field that held the EMA target before parameter groups
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the directory or step and the cause."""
+
+
+def cause(error: BaseException, limit: int = 600) -> str:
+    """``Type: message`` of ``error`` on one line, at most about ``limit`` characters: the start and the end of a
+    longer one (TensorStore's messages can hold a whole store spec; the start says what failed, the end of a
+    write error the OS error, e.g. ``No space left on device [os_error_code='28']``)."""
+    text = " ".join(str(error).split())
+    if len(text) > limit:
+        text = f"{text[:limit * 3 // 5]} ... {text[-(limit * 2 // 5):]}"
+    return f"{type(error).__name__}: {text}"
 
 
 def checkpoint_dir(cfg: Config) -> Path:

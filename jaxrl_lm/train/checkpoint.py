@@ -8,7 +8,11 @@ the preemption notice.
 Saves are asynchronous: ``save`` returns once the arrays are copied off the devices, and files are written in a
 background thread. Orbax writes into ``<s>.orbax-checkpoint-tmp`` and renames it to ``<s>`` only when every
 item is written, so a crash mid-write leaves a tmp directory that is never listed as a step (the next run's
-manager deletes it before its first save).
+manager deletes it before its first save). A write that fails (a full disk, a read-only directory) surfaces at the
+next ``save`` or at ``close`` as a ``CheckpointError`` naming the directory, the OS error and the newest complete
+step, which the failure leaves intact. A step that cannot be read back raises a ``CheckpointError`` naming the
+step's directory and the cause; ``refuse`` moves such a step aside so that ``--resume`` continues from the one
+before it (``jaxrl_lm.train.loop``). Bytes changed inside an array file are not detected (docs/reliability.md).
 
     manager = make_manager(checkpoint_dir(cfg), cfg.train)
     save(manager, step, state, loader_state=loader.get_state(), cfg=cfg, metrics={"loss": 0.3})
@@ -34,6 +38,9 @@ from jaxrl_lm.checkpoints import (
     CHECKPOINT_SUBDIR,
     ITEMS,
     LEGACY_TARGET,
+    REFUSED_SUBDIR,
+    CheckpointError,
+    cause,
     checkpoint_dir,
     complete_steps,
     config_of,
@@ -47,9 +54,9 @@ from jaxrl_lm.config import Config, ConfigError, TrainConfig, from_dict
 from jaxrl_lm.train.state import TrainState, abstract_train_state
 
 __all__ = [
-    "CHECKPOINT_SUBDIR", "ITEMS", "RESUME_KEYS", "PreemptionNotice", "Restored", "abstract_state",
-    "check_resume_config", "checkpoint_dir", "complete_steps", "latest_step", "make_manager", "read_config",
-    "restore", "save",
+    "CHECKPOINT_SUBDIR", "ITEMS", "REFUSED_SUBDIR", "RESUME_KEYS", "CheckpointError", "PreemptionNotice",
+    "Restored", "abstract_state", "check_resume_config", "checkpoint_dir", "close", "complete_steps",
+    "latest_step", "make_manager", "read_config", "refuse", "restore", "save",
 ]
 
 # Config keys a checkpoint's arrays and meaning depend on: a resume must not change them. A key ending in "."
@@ -97,6 +104,10 @@ def make_manager(directory: str | Path, t: TrainConfig) -> ocp.CheckpointManager
         best_mode=t.keep_best_mode,
         cleanup_tmp_directories=True,
         enable_async_checkpointing=True,
+        # A step's directories are made before save() returns (a few mkdirs), so that a directory that cannot be
+        # written fails that save at once. Made in the background, such a failure left Orbax's signalling threads
+        # waiting for the directories until their timeout: the process hung for minutes after the error.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         create=True,
     )
     return ocp.CheckpointManager(Path(directory).absolute(), item_names=ITEMS, options=options)
@@ -126,12 +137,37 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, loader
             raise NotImplementedError("checkpointing a replay buffer with several processes: each process's "
                                       "buffer would need its own item; run online training in one process")
         items["replay"] = ocp.args.StandardSave({k: np.asarray(v) for k, v in loader_arrays.items()})
-    manager.save(
-        step,
-        args=ocp.args.Composite(**items),
-        metrics=dict(metrics) if metrics is not None else None,
-        force=True,  # the loop decides when to save; Orbax's own interval policy is not used
-    )
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(**items),
+            metrics=dict(metrics) if metrics is not None else None,
+            force=True,  # the loop decides when to save; Orbax's own interval policy is not used
+        )
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise ValueError/OSError/...: all are write faults
+        raise _write_error(manager, f"while saving step {step}", e) from e
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """``manager.close()``: waits for the pending asynchronous save; a failed write raises ``CheckpointError``."""
+    try:
+        manager.close()
+    except Exception as e:  # noqa: BLE001
+        raise _write_error(manager, "while finishing the last save", e) from e
+
+
+def _write_error(manager: ocp.CheckpointManager, when: str, error: BaseException) -> CheckpointError:
+    """The error of a failed write: an asynchronous write reports at the next save (or at close), so the step in
+    the cause (its ``<step>.orbax-checkpoint-tmp`` path) may be the one before ``when``."""
+    directory = Path(manager.directory)
+    try:
+        newest = latest_step(directory)
+        kept = f"step {newest} ({directory / str(newest)}) is intact" if newest is not None else "there is none"
+    except Exception as e:  # noqa: BLE001 - the directory itself may be unreadable
+        kept = f"unknown (listing the directory failed: {cause(e, 200)})"
+    return CheckpointError(f"writing a checkpoint in {directory} failed ({when}): {cause(error)}. The newest "
+                           f"complete checkpoint: {kept}. Fix the cause (free disk space, make the directory "
+                           f"writable) and continue with --resume")
 
 
 def abstract_state(cfg: Config, sharding: jax.sharding.Sharding | Any) -> TrainState:
@@ -161,10 +197,22 @@ def restore(directory: str | Path, target: TrainState | jax.sharding.Sharding, s
       data), the loader state and the saved config dict.
 
     A checkpoint from before parameter groups (``target_params``) restores with its target as
-    ``groups["target"]``.
+    ``groups["target"]``. A step that cannot be read (a file cut short, missing or not valid JSON) raises
+    ``CheckpointError`` naming its directory and the cause.
     """
     with reader(directory) as r:
         step = existing_step(r, step)
+    try:
+        return _restore(directory, target, step)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TensorStore, JSON and Orbax each raise their own types
+        raise CheckpointError(f"{Path(directory).absolute() / str(step)}: cannot read checkpoint step {step}: "
+                              f"{cause(e)}") from e
+
+
+def _restore(directory: str | Path, target: TrainState | jax.sharding.Sharding, step: int) -> Restored:
+    with reader(directory) as r:
         saved_config = config_of(r, step)
         if isinstance(target, jax.sharding.Sharding):
             target = abstract_state(from_dict(saved_config), target)
@@ -190,6 +238,19 @@ def restore(directory: str | Path, target: TrainState | jax.sharding.Sharding, s
                            opt_state=state["opt_state"], step=state["step"], skipped=state["skipped"],
                            rng=state["rng"])
     return Restored(step=step, state=state, loader_state=items.data, config=saved_config, loader_arrays=arrays)
+
+
+def refuse(directory: str | Path, step: int) -> Path:
+    """Moves the unreadable step ``step`` out of ``directory`` into ``<train.out_dir>/checkpoints_refused/``
+    (kept for inspection, no longer listed or rotated); returns where it went. One process only."""
+    source = Path(directory).absolute() / str(step)
+    parent = Path(directory).absolute().parent / REFUSED_SUBDIR
+    parent.mkdir(exist_ok=True)
+    target, n = parent / str(step), 1
+    while target.exists():
+        target, n = parent / f"{step}.{n}", n + 1
+    source.rename(target)
+    return target
 
 
 def _has_item(r: ocp.CheckpointManager, step: int, name: str) -> bool:

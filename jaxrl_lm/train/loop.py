@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
@@ -86,11 +87,13 @@ class MetricsLog:
             self.jsonl.close()
 
 
-def resume_step(cfg: Config, resume: bool) -> int | None:
+def resume_step(cfg: Config, resume: bool, refused: Optional[list[str]] = None) -> int | None:
     """The checkpoint step a run starts from (None = a fresh run), after checking that this is what was asked.
 
     A fresh run refuses a directory that already holds checkpoints (it would mix two runs' steps); a resumed
-    one needs a complete checkpoint whose config agrees with ``cfg`` (``checkpoint.RESUME_KEYS``).
+    one needs a complete checkpoint whose config agrees with ``cfg`` (``checkpoint.RESUME_KEYS``). A step whose
+    saved config cannot be read is refused (``refuse_step``) and the one before it tried; ``refused`` collects
+    what was refused and why.
     """
     directory = checkpoint.checkpoint_dir(cfg)
     step = checkpoint.latest_step(directory)
@@ -99,11 +102,61 @@ def resume_step(cfg: Config, resume: bool) -> int | None:
             raise FileExistsError(f"{directory} already holds checkpoints (newest: step {step}): pass --resume "
                                   f"(train(..., resume=True)) to continue that run, or set another train.out_dir")
         return None
-    if step is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {directory}; check train.out_dir "
-                                f"({cfg.train.out_dir}) or start a fresh run without --resume")
-    checkpoint.check_resume_config(checkpoint.read_config(directory, step), cfg, directory / str(step))
-    return step
+    refused = [] if refused is None else refused
+    while True:
+        if step is None:
+            why = f"; refused: {'; '.join(refused)}" if refused else ""
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {directory}{why}; check train.out_dir "
+                                    f"({cfg.train.out_dir}) or start a fresh run without --resume")
+        try:
+            saved = checkpoint.read_config(directory, step)
+        except Exception as e:  # noqa: BLE001 - JSON or Orbax errors of a damaged step
+            step = refuse_step(cfg, step, checkpoint.CheckpointError(
+                f"{directory / str(step)}: cannot read its config: {checkpoint.cause(e)}"), refused)
+            continue
+        checkpoint.check_resume_config(saved, cfg, directory / str(step))
+        return step
+
+
+def refuse_step(cfg: Config, step: int, error: Exception, refused: list[str]) -> int | None:
+    """Moves the unreadable checkpoint ``step`` aside (``checkpoint.refuse``), says so, and returns the newest
+    complete step left (None: none). With several processes nothing is moved: ``error`` is raised with what to
+    do, since every process would have to agree on the step."""
+    directory = checkpoint.checkpoint_dir(cfg)
+    if jax.process_count() > 1:
+        raise checkpoint.CheckpointError(f"--resume: {error}. Move {directory / str(step)} out of {directory} "
+                                         f"to resume from the step before it") from error
+    moved = checkpoint.refuse(directory, step)
+    refused.append(f"step {step} ({error}), moved to {moved}")
+    newest = checkpoint.latest_step(directory)
+    print(f"--resume: refusing checkpoint step {step}: {error}. Moved it to {moved}; "
+          f"{f'trying step {newest}' if newest is not None else 'no other checkpoint is left'}",
+          file=sys.stderr, flush=True)
+    return newest
+
+
+def restore_for_resume(cfg: Config, abstract: TrainState, step: int, refused: list[str]) -> checkpoint.Restored:
+    """The newest readable checkpoint from ``step`` down: each step that fails to restore is refused
+    (``refuse_step``) and the one before it checked (``resume_step``) and tried."""
+    while True:
+        try:
+            return checkpoint.restore(checkpoint.checkpoint_dir(cfg), abstract, step)
+        except checkpoint.CheckpointError as e:
+            if refuse_step(cfg, step, e, refused) is None:
+                raise FileNotFoundError(f"--resume: no readable checkpoint left in {checkpoint.checkpoint_dir(cfg)};"
+                                        f" refused: {'; '.join(refused)}") from e
+            step = resume_step(cfg, True, refused)
+
+
+def _skip_error(cfg: Config, step: int, longest: int, metrics: Mapping[str, float]) -> RuntimeError:
+    """The stop after ``train.max_consecutive_skips`` rejected updates in a row."""
+    seen = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "grad_norm", "decisions") if k in metrics)
+    return RuntimeError(
+        f"step {step}: {longest} updates in a row were skipped (train.max_consecutive_skips = "
+        f"{cfg.train.max_consecutive_skips}): each had a non-finite loss or gradient, or a batch without decisions "
+        f"(step {step}: {seen}). Nothing was applied during them: the parameters are those from before the run of "
+        f"skips. Check the data (NaN/Inf or huge rewards, empty rows), lower optim.learning_rate, or set "
+        f"train.max_consecutive_skips=0 to keep going")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +333,11 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
         None): the online collector's replay loader (``jaxrl_lm.experiments.online``). The loop closes it.
 
     A SIGTERM saves a checkpoint at the next step boundary and returns early with ``preempted: true``. A step
-    whose objective reports ``decisions_dropped`` stops the run (raise ``rl.decision_fraction``).
+    whose objective reports ``decisions_dropped`` stops the run (raise ``rl.decision_fraction``), and so does a run
+    of ``train.max_consecutive_skips`` updates rejected in a row (both checked at log steps). With ``resume``, a
+    checkpoint that cannot be read is moved aside to ``checkpoints_refused/`` and the one before it used
+    (``final["refused_checkpoints"]`` says which and why); a failed checkpoint write raises
+    ``checkpoint.CheckpointError`` naming the directory, the cause and the newest intact step.
     """
     out_dir = Path(cfg.train.out_dir)
     is_main = distributed.initialize(cfg).is_main
@@ -292,7 +349,8 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
     if cfg.train.keep_best_metric.startswith("eval/") and not any(h.at_checkpoints for h in hooks):
         raise ConfigError(f"train.keep_best_metric {cfg.train.keep_best_metric!r} is an evaluation metric: set "
                           f"eval.every (and train through jaxrl_lm.experiments.run, which evaluates)")
-    start = resume_step(cfg, resume) if outputs else None
+    refused: list[str] = []  # checkpoints --resume found unreadable and moved aside
+    start = resume_step(cfg, resume, refused) if outputs else None
     if is_main and outputs:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -319,7 +377,8 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
     if start is None:
         state = initial_state(cfg, par, sharding, seeds)
     else:
-        restored = checkpoint.restore(checkpoint.checkpoint_dir(cfg), abstract, start)
+        restored = restore_for_resume(cfg, abstract, start, refused)
+        start = restored.step
         if restored.loader_arrays is not None:
             if not hasattr(loader, "get_arrays"):
                 raise ConfigError(f"checkpoint step {start} holds a replay buffer (an online run's): resume it "
@@ -349,6 +408,10 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
     # Decisions that did not fit the head slots, summed on the device over the steps since the last log step:
     # every step is checked, and the host reads the sum only where it reads the metrics anyway.
     dropped_since_log: Optional[jax.Array] = None
+    # Updates rejected in a row (update_applied == 0), per seed, and the longest such run since the last log step,
+    # kept on the device like dropped_since_log (train.max_consecutive_skips).
+    skip_run: Optional[jax.Array] = None
+    longest_skip_run: Optional[jax.Array] = None
     postfix_names = [name for hook in hooks for name in hook.postfix]
 
     def run_hooks(due: Sequence[Hook], ctx: StepContext) -> dict[str, float]:
@@ -366,6 +429,7 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
         return out
 
     notice = checkpoint.PreemptionNotice().install()
+    failed = True  # set False once the loop ends normally: a failed run's last save is not waited for as a fault
     try:
         starting = [h for h in hooks if h.at_start]
         if starting:
@@ -389,6 +453,9 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
             if "decisions_dropped" in metrics:
                 dropped = jnp.sum(metrics["decisions_dropped"])
                 dropped_since_log = dropped if dropped_since_log is None else dropped_since_log + dropped
+            rejected = metrics["update_applied"] == 0
+            skip_run = jnp.where(rejected, 1 if skip_run is None else skip_run + 1, 0)
+            longest_skip_run = skip_run if longest_skip_run is None else jnp.maximum(longest_skip_run, skip_run)
             window_steps += 1
             bar.update(1)
             is_last = step == cfg.train.steps
@@ -426,21 +493,35 @@ def train(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence
                 raise RuntimeError(
                     f"steps {step - window_steps + 1}-{step}: {int(dropped)} decisions did not fit the head slots of "
                     f"a row; {_dropped_hint(cfg)}")
+            longest = int(np.max(jax.device_get(longest_skip_run)))
+            if cfg.train.max_consecutive_skips and longest >= cfg.train.max_consecutive_skips:
+                raise _skip_error(cfg, step, longest, last)
             window_start, window_steps, window_paused, dropped_since_log = time.perf_counter(), 0, 0.0, None
+            longest_skip_run = None
             log.write(step, last, per_seed)
             postfix = {k: f"{last[k]:.4f}" for k in ("loss", "q_mean") if k in last}
             postfix.update({k.rsplit("/", 1)[-1]: f"{hooked[k]:.4g}" for k in postfix_names if k in hooked})
             bar.set_postfix(**postfix, tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+        failed = False
     finally:
         bar.close()
         log.close()
         loader.close()
-        if manager is not None:
-            manager.close()  # waits for the last asynchronous save
-        notice.uninstall()
+        try:
+            if manager is not None and failed:
+                try:  # the error in flight is the one to report; a failed pending write would only hide it
+                    manager.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            elif manager is not None:
+                checkpoint.close(manager)  # waits for the last asynchronous save; a failed write raises here
+        finally:
+            notice.uninstall()  # after the last write: a SIGTERM during it must not kill the process mid-write
     steps, skipped = jax.device_get((state.step, state.skipped))
     final = {**last, **hooked, "step": int(np.max(steps)), "preempted": preempted, "resumed_from": start,
              "data": loader.summary}
+    if refused:
+        final["refused_checkpoints"] = refused
     final["skipped"] = int(skipped) if seeds is None else np.asarray(skipped).tolist()
     if seeds is not None:
         final["seeds"] = list(seeds)

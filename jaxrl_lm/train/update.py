@@ -3,7 +3,8 @@
 Inside: micro-batches (``optim.grad_accum``) scanned with gradients summed, each micro-batch's loss normalised
 by the decision count of the *whole* batch, so accumulation gives exactly the gradient of the full batch; the
 optimizer step; the target EMA (once, after the optimizer step); and a non-finite guard that leaves the state
-untouched (but counts the batch as consumed and the update as skipped) when the loss or any gradient is NaN/Inf.
+untouched (but counts the batch as consumed and the update as skipped) when the loss or any gradient is NaN/Inf,
+or when the batch holds no decision (the objective's denominator is 0).
 The state is donated: the caller must use the returned state, never the one it passed in.
 """
 
@@ -154,7 +155,10 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sha
                          for k in group}
             new_groups[name] = group
 
-        ok = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
+        # A batch without decisions (all padding, or no action token) has a zero gradient: applying it would still
+        # move the parameters by Adam's momentum and the target by its EMA, a step taken on no data. It is skipped
+        # like a non-finite one.
+        ok = jnp.isfinite(metrics["loss"]) & _all_finite(grads) & (denominator > 0)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         new_state = TrainState(
             params=keep(new_params, state.params),
@@ -202,8 +206,8 @@ def make_update(cfg: Config, graphdef: nnx.GraphDef | None = None, *, state_shar
     fine), and returns the next state and a dict of float32 scalar device arrays: the objective's metrics
     (``token_q``: ``loss`` and its terms ``q_loss``, ``v_loss``, ``cql_loss``, ``bc_loss``; ``q_mean``,
     ``v_mean``, ``target_mean``, ``td_error``, ``cql_gap``; counts ``decisions``, ``decisions_dropped``), and
-    ``grad_norm``, ``tokens``, ``skipped`` and ``update_applied`` (0 when the non-finite guard rejected the
-    step). It is ``jax.jit`` of
+    ``grad_norm``, ``tokens``, ``skipped`` and ``update_applied`` (0 when the guard rejected the step: a
+    non-finite loss or gradient, or no decision in the batch). It is ``jax.jit`` of
     ``build_update_fn``: it compiles once per batch shape (``update._cache_size()``), and the state is
     donated, so keep only the returned one.
 
