@@ -11,6 +11,15 @@ JAX's own cluster detection (Cloud TPU pods, SLURM, Open MPI, Kubernetes), which
 ``mesh.distributed`` decides whether to initialise: ``auto`` does when any of those fields is given or a
 multi-process launcher (SLURM ``srun``, Open MPI, a GKE TPU slice) is found in the environment; ``on``
 always does (a Cloud TPU VM pod: JAX asks the TPU metadata server); ``off`` never does.
+
+A process that dies (a SIGKILL, a lost host) stops sending heartbeats to the coordination service (on process
+0). Once none came for ``$JAXRL_LM_HEARTBEAT_TIMEOUT_S`` seconds (JAX's default, 100 s, when unset), JAX
+aborts every other process (SIGABRT) with ``Terminating process because the JAX distributed service detected
+fatal errors ... The following tasks are unhealthy (stopped sending heartbeats): <process index>``; without
+that, the survivors would wait in their next collective forever. If process 0 dies, the others lose the service
+and stop the same way. Then relaunch every process with ``--resume`` (docs/reliability.md, multi-process faults).
+Short timeouts find a dead process sooner, but a live one whose heartbeat thread stalls that long (a swapping
+or badly overloaded host) is then taken for dead and the whole run stops.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from jaxrl_lm.config import Config, ConfigError, MeshConfig
 
 ENV_VARS = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
             "process_id": "JAX_PROCESS_ID"}
+# Seconds without a heartbeat after which a process counts as dead and the run stops (module docstring).
+HEARTBEAT_TIMEOUT_VAR = "JAXRL_LM_HEARTBEAT_TIMEOUT_S"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +112,11 @@ def initialize(cfg: Config, environ: Mapping[str, str] | None = None) -> Process
     if not jax.distributed.is_initialized() and should_initialize(cfg.mesh, environ):
         args = explicit_arguments(cfg.mesh, environ)
         _check_complete(args, environ)
+        heartbeat = _env_int(environ, HEARTBEAT_TIMEOUT_VAR)
+        if heartbeat is not None:
+            if heartbeat < 1:
+                raise ConfigError(f"${HEARTBEAT_TIMEOUT_VAR} must be at least 1 (seconds), got {heartbeat}")
+            args["heartbeat_timeout_seconds"] = heartbeat
         jax.distributed.initialize(**args)
     info = ProcessInfo(jax.process_index(), jax.process_count(), jax.distributed.is_initialized())
     if not info.is_main:

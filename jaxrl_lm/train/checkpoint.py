@@ -24,6 +24,7 @@ before it (``jaxrl_lm.train.loop``). Bytes changed inside an array file are not 
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import threading
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 from jaxrl_lm.checkpoints import (
@@ -130,7 +132,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, loader
     if name and (metrics is None or name not in metrics):
         raise ConfigError(f"train.keep_best_metric: {name!r} is not a metric of this step; "
                           f"known: {sorted(metrics or {})}")
-    items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(loader_state)),
+    items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_every_process(loader_state)),
                  config=ocp.args.JsonSave(cfg.to_dict()))
     if loader_arrays is not None:
         if jax.process_count() > 1:
@@ -146,6 +148,34 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, loader
         )
     except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise ValueError/OSError/...: all are write faults
         raise _write_error(manager, f"while saving step {step}", e) from e
+
+
+# The data item of a multi-process run: every process's loader state, in process order.
+PER_PROCESS = "per_process"
+
+
+def _every_process(loader_state: Mapping[str, Any]) -> dict[str, Any]:
+    """The loader state to save. With several processes each one reads its own share of the data, so each has its
+    own position, but Orbax writes a JSON item from process 0 alone: every process's state is gathered (two small
+    collectives; every process saves at the same steps) and saved as ``{PER_PROCESS: [state_0, state_1, ...]}``."""
+    if jax.process_count() == 1:
+        return dict(loader_state)
+    raw = np.frombuffer(json.dumps(dict(loader_state)).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded))  # [processes, longest] uint8
+    return {PER_PROCESS: [json.loads(row[:n].tobytes()) for row, n in zip(rows, lengths)]}
+
+
+def _this_process(saved: Any) -> Any:
+    """This process's loader state from a saved data item (``_every_process``). A single process reading a
+    multi-process checkpoint gets process 0's; a different process count is refused by the loader's own check
+    (the state names its process index and count)."""
+    if not isinstance(saved, Mapping) or PER_PROCESS not in saved:
+        return saved  # one process's state, as single-process runs save it
+    states = saved[PER_PROCESS]
+    return dict(states[jax.process_index()] if jax.process_index() < len(states) else states[0])
 
 
 def close(manager: ocp.CheckpointManager) -> None:
@@ -237,7 +267,8 @@ def _restore(directory: str | Path, target: TrainState | jax.sharding.Sharding, 
         state = TrainState(params=state["params"], groups={"target": state[LEGACY_TARGET]},
                            opt_state=state["opt_state"], step=state["step"], skipped=state["skipped"],
                            rng=state["rng"])
-    return Restored(step=step, state=state, loader_state=items.data, config=saved_config, loader_arrays=arrays)
+    return Restored(step=step, state=state, loader_state=_this_process(items.data), config=saved_config,
+                    loader_arrays=arrays)
 
 
 def refuse(directory: str | Path, step: int) -> Path:
