@@ -60,12 +60,20 @@ def critic_run(tmp_path_factory):
     return out, final
 
 
+# Since evaluations compare against BC's better decoding (issue 21), both claims are missed: on negotiation greedy
+# BC scores 71.5, the utterance critic 74.6 and the actor 50.9 (2026-12-05). Strict: they fail CI once they hold.
+MISSED = pytest.mark.xfail(strict=True, reason="missed against BC's better (greedy) decoding: greedy BC 71.5, "
+                                               "utterance 74.6, actor 50.9 (issue 21)")
+
+
+@MISSED
 def test_utterance_critic_beats_behaviour_cloning_on_negotiation(critic_run):
     _, final = critic_run
     bc, utterance = final["eval/bc/normalized_score"], final["eval/utterance/normalized_score"]
     assert utterance >= bc + MARGIN, f"utterance {utterance:.1f} vs bc {bc:.1f}: the critic should win by {MARGIN}"
 
 
+@MISSED
 def test_kl_constrained_actor_beats_the_cloned_policy_it_starts_from(critic_run, tmp_path):
     source, source_final = critic_run
     final = train("rl.objective=kl_actor", *[f"kl_actor.{c}" for c in CRITIC], "kl_actor.candidates=4",

@@ -39,7 +39,7 @@ Datasets (``data.task_behaviour``; every episode from a uniformly drawn start):
   seed 0, -84.6 to -90.0 over seeds 0..5; LMRL-Gym's score normalisation puts it at -83).
 - ``legacy``: each move optimal with probability 0.5 and uniformly random among the four otherwise, to the goal
   or cut at 100 actions (every episode reaches the goal; the optimal move is the most frequent in every cell,
-  so greedy imitation is optimal). The data of the results before the mixture (docs/results/maze.md); 50 mark:
+  so greedy imitation is optimal). The data of the results before the mixture (docs/results/maze_legacy.md); 50 mark:
   the dataset's mean return.
 """
 
