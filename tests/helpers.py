@@ -44,6 +44,16 @@ def engine_forward(cfg: ModelConfig):
     return lambda params, tokens: jax.tree.map(np.asarray, run(params, jnp.asarray(tokens)))
 
 
+def assert_bitwise_equal(a, b) -> None:
+    """Two pytrees of the same structure whose every leaf has the same dtype, shape and bytes."""
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+
 def straight_and_resumed(make_cfg: Callable[..., Config], root, episodes, **kw: Any) -> Config:
     """Run ``a``: 4 steps straight, a checkpoint every step (all kept). Run ``b``: 2 steps, then resumed to 4.
     ``make_cfg(**overrides)`` builds each run's config; returns run ``a``'s."""

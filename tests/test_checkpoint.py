@@ -16,6 +16,7 @@ from jaxrl_lm import envs
 from jaxrl_lm.config import ConfigError, REPO_ROOT, load_config
 from jaxrl_lm.experiments import run as run_lib
 from jaxrl_lm.train import checkpoint, loop
+from helpers import assert_bitwise_equal
 
 N = 3  # the interrupted run stops after N of 2N steps
 TINY = dict(model__d_model=32, model__n_layers=1, data__task_episodes=200, data__batch_size=8, data__seq_len=64,
@@ -53,16 +54,6 @@ def run(cfg, **kw):
 def load(out_dir, step=None):
     cfg = tiny_cfg(out_dir)
     return checkpoint.restore(checkpoint.checkpoint_dir(cfg), SingleDeviceSharding(jax.devices()[0]), step)
-
-
-def assert_bitwise_equal(a, b):
-    la, ta = jax.tree.flatten(a)
-    lb, tb = jax.tree.flatten(b)
-    assert ta == tb
-    for x, y in zip(la, lb):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()
 
 
 def assert_same_batches(a, b):

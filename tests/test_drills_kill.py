@@ -21,6 +21,7 @@ import pytest
 
 from jaxrl_lm.config import REPO_ROOT
 from jaxrl_lm.train import checkpoint
+from helpers import assert_bitwise_equal
 
 STEPS, EVERY, KEEP = 24, 4, 2
 SCALE = int(os.environ.get("JAXRL_LM_DRILL_SCALE", "1"))
@@ -103,15 +104,6 @@ def log_of(launch):
 def state_at_end(chain):
     directory = Path(chain["out_dir"]) / checkpoint.CHECKPOINT_SUBDIR
     return checkpoint.restore(directory, jax.sharding.SingleDeviceSharding(jax.devices()[0]), STEPS)
-
-
-def assert_bitwise_equal(a, b):
-    la, ta = jax.tree.flatten(a)
-    lb, tb = jax.tree.flatten(b)
-    assert ta == tb
-    for x, y in zip(la, lb):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
 
 
 def check_chain(chains, name):

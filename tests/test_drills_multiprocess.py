@@ -32,6 +32,7 @@ import pytest
 from jaxrl_lm import distributed
 from jaxrl_lm.config import REPO_ROOT, ConfigError, load_config
 from jaxrl_lm.train import checkpoint
+from helpers import assert_bitwise_equal
 
 WORKER = Path(__file__).with_name("multiprocess_drill_worker.py")
 STEPS, EVERY, KEEP = 24, 4, 2
@@ -108,15 +109,6 @@ def tails(result: dict) -> str:
 def state_at_end(out_dir: Path):
     return checkpoint.restore(out_dir / checkpoint.CHECKPOINT_SUBDIR,
                               jax.sharding.SingleDeviceSharding(jax.devices()[0]), STEPS)
-
-
-def assert_bitwise_equal(a, b):
-    la, ta = jax.tree.flatten(a)
-    lb, tb = jax.tree.flatten(b)
-    assert ta == tb
-    for x, y in zip(la, lb):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
 
 
 def saved_positions(out_dir: Path) -> list[dict]:
