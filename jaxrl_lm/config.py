@@ -104,6 +104,9 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters are always float32
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # The losses' reductions over the vocabulary (CQL and BC normalisers, the max backup) walk it in chunks of this
+    # many ids instead of forming [..., Vp] logits (jaxrl_lm.rl.vocab); 0 = whole logits
+    vocab_chunk: int = 0
     n_q_heads: int = 2
     q_head: Literal["mlp", "linear"] = "mlp"
     q_head_hidden_mult: int = 2
@@ -161,6 +164,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global norm; 0 = off
     grad_accum: int = 1
+    # Storage dtype of AdamW's first moment (optax's mu_dtype): bfloat16 halves it, an explicit memory option
+    mu_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -658,6 +663,8 @@ def validate(cfg: Config) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key} must be positive, got {v}")
+    if m.vocab_chunk < 0:
+        raise ConfigError(f"model.vocab_chunk must be >= 0 (0 = whole logits), got {m.vocab_chunk}")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     if m.n_heads % m.kv_heads:

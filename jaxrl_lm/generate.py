@@ -254,30 +254,42 @@ def decode(graphdef: nnx.GraphDef, params: Params, prompt: jax.Array, prompt_len
 
 def decode_throughput(cfg: ModelConfig, params: Params, *, batch: int = 8,
                       prompt_len: int = 64, new_tokens: int = 128, kind: str = "bc", repeats: int = 3,
-                      seed: int = 0) -> dict[str, float]:
+                      seed: int = 0, temperature: float = 1.0) -> dict[str, float]:
     """Decoding speed at one shape: random prompts, no stop token (every row emits ``new_tokens``), sampling at
-    temperature 1.
+    ``temperature`` (0: greedy).
 
     Returns a dict: ``compile_s`` (first call, compile included), ``decode_s`` (best of ``repeats`` timed calls:
-    prefill plus every step), ``new_tokens_per_s`` (``batch * new_tokens / decode_s``) and ``step_ms``
-    (``decode_s / new_tokens``), with the shape and policy kind.
+    prefill plus every step), ``new_tokens_per_s`` (``batch * new_tokens / decode_s``), ``step_ms``
+    (``decode_s / new_tokens``), ``prefill_ms`` (best of ``repeats`` calls of the prompt prefill alone, a jitted
+    ``prefill``) and ``token_ms`` (``(decode_s - prefill) / new_tokens``: one decoding step, its head and sampling
+    included), with the shape, policy kind and temperature.
     """
     if prompt_len + new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds model.max_seq_len "
                          f"{cfg.max_seq_len}")
     rng = np.random.default_rng(seed)
     prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
-    args = (model_graphdef(cfg), params, prompt, jnp.full((batch,), prompt_len, jnp.int32), jax.random.key(seed),
-            Sampling.make(temperature=1.0), jnp.array([-1], jnp.int32), jnp.int32(0))
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    graphdef = model_graphdef(cfg)
+    args = (graphdef, params, prompt, lengths, jax.random.key(seed),
+            Sampling.make(temperature=temperature), jnp.array([-1], jnp.int32), jnp.int32(0))
     spec = DecodeSpec(kind=kind, max_new_tokens=new_tokens)
-    t0 = time.perf_counter()
-    jax.block_until_ready(decode(*args, spec=spec))
-    compile_s = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(repeats):
+
+    def best_of(fn) -> tuple[float, float]:
         t0 = time.perf_counter()
-        jax.block_until_ready(decode(*args, spec=spec))
-        best = min(best, time.perf_counter() - t0)
-    return {"kind": kind, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "compile_s": compile_s, "decode_s": best, "new_tokens_per_s": batch * new_tokens / best,
-            "step_ms": 1e3 * best / new_tokens}
+        jax.block_until_ready(fn())
+        first = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            best = min(best, time.perf_counter() - t0)
+        return first, best
+
+    compile_s, decode_s = best_of(lambda: decode(*args, spec=spec))
+    prefill_only = jax.jit(lambda p: prefill(nnx.merge(graphdef, p), prompt, lengths, new_tokens))
+    _, prefill_s = best_of(lambda: prefill_only(params))
+    return {"kind": kind, "temperature": temperature, "batch": batch, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "compile_s": compile_s, "decode_s": decode_s,
+            "new_tokens_per_s": batch * new_tokens / decode_s, "step_ms": 1e3 * decode_s / new_tokens,
+            "prefill_ms": 1e3 * prefill_s, "token_ms": 1e3 * max(decode_s - prefill_s, 0.0) / new_tokens}

@@ -21,6 +21,7 @@ import pytest
 
 from jaxrl_lm.batch import check_batch
 from jaxrl_lm.rl import Heads, bellman_objective, transitions
+from jaxrl_lm.rl.token_q import heads_from_logits
 
 from reference import LossConfig, ref_objective, ref_transitions
 
@@ -189,19 +190,20 @@ def test_padding_is_never_a_decision_even_with_garbage_fields():
 # Table-lookup heads.
 
 
-def table_heads(tabs: dict[str, jnp.ndarray]) -> Heads:
+def table_heads(tabs: dict[str, jnp.ndarray], vocab_size: int) -> Heads:
     """Heads reading tables at the integer id carried by ``h [..., 1]``."""
 
     def idx(h):
         return h[..., 0].astype(jnp.int32)
 
-    return Heads(
+    return heads_from_logits(
         q_logits=lambda h: tabs["q"][:, idx(h)],  # [K, ..., V]
         q_at=lambda h, a: tabs["q"][:, idx(h), a],  # [K, ...]
         value=lambda h: tabs["v"][idx(h)],
         lm_logits=lambda h: tabs["lm"][idx(h)],
         target_q_logits=lambda h: tabs["qbar"][:, idx(h)],
         target_q_at=lambda h, a: tabs["qbar"][:, idx(h), a],
+        vocab_size=vocab_size,
     )
 
 
@@ -228,7 +230,7 @@ def objective_fn(rl: LossConfig, vocab_size: int):
     """jit(value_and_grad) of bellman_objective w.r.t. the tables; one compile per (config, shapes)."""
 
     def f(tabs, batch, hidden, target_hidden, denominator):
-        return bellman_objective(rl.q, rl.rl, batch, hidden, target_hidden, table_heads(tabs), vocab_size=vocab_size,
+        return bellman_objective(rl.q, rl.rl, batch, hidden, target_hidden, table_heads(tabs, vocab_size), vocab_size=vocab_size,
                                  denominator=denominator)
 
     return jax.jit(jax.value_and_grad(f, has_aux=True))
@@ -397,7 +399,7 @@ def test_q_loss_without_cql_uses_q_at_and_agrees():
 @pytest.mark.parametrize("backup", ["expectile", "max", "sarsa", "mc"])
 @pytest.mark.parametrize("cql_alpha, lambda_bc", [(0.0, 0.0), (0.1, 1.0)])
 def test_full_vocabulary_projections_only_when_needed(backup, cql_alpha, lambda_bc):
-    """Online Q over the vocabulary only for CQL, target Q only for max / sarsa backups, LM only for BC
+    """Reductions over the vocabulary only where needed: online Q for CQL, target Q for max / sarsa backups, LM for BC
     (traced with eval_shape: nothing compiles)."""
     rl = LossConfig(backup=backup, cql_alpha=cql_alpha, lambda_bc=lambda_bc)
     batch = random_batch(0)
@@ -412,17 +414,16 @@ def test_full_vocabulary_projections_only_when_needed(backup, cql_alpha, lambda_
         return wrapped
 
     def f(tabs):
-        heads = table_heads(tabs)
+        heads = table_heads(tabs, VOCAB)
         heads = Heads(**{name: counting(name, fn) for name, fn in heads._asdict().items()})
         return bellman_objective(rl.q, rl.rl, {k: jnp.asarray(v) for k, v in batch.items()}, position_ids(B, L),
                                  position_ids(B, L), heads, vocab_size=VOCAB)
 
     jax.eval_shape(f, tabs)
-    assert ("q_logits" in calls) == (cql_alpha > 0)
-    assert ("q_at" in calls) == (cql_alpha == 0)
-    assert ("target_q_logits" in calls) == (backup in ("max", "sarsa"))
-    assert ("lm_logits" in calls) == (lambda_bc > 0)
-    assert {"value", "target_q_at"} <= calls
+    assert ("q_logsumexp" in calls) == (cql_alpha > 0)
+    assert ("target_q_max" in calls) == (backup in ("max", "sarsa"))
+    assert ("lm_logsumexp" in calls) == ("lm_at" in calls) == (lambda_bc > 0)
+    assert {"value", "q_at", "target_q_at"} <= calls
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -467,13 +468,14 @@ def test_no_gradient_into_target_states_or_next_states():
     def at(table, h, a):
         return jnp.take_along_axis(jnp.einsum("...d,kdv->k...v", h, table), a[None, ..., None], axis=-1)[..., 0]
 
-    heads = Heads(
+    heads = heads_from_logits(
         q_logits=lambda h: jnp.einsum("...d,kdv->k...v", h, w["q"]),
         q_at=lambda h, a: at(w["q"], h, a),
         value=lambda h: h @ w["v"],
         lm_logits=lambda h: h @ w["lm"],
         target_q_logits=lambda h: jnp.einsum("...d,kdv->k...v", h, w["qbar"]),
         target_q_at=lambda h, a: at(w["qbar"], h, a),
+        vocab_size=VOCAB,
     )
     hidden = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
     target_hidden = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)

@@ -32,7 +32,9 @@ def linear_view(rng: np.random.Generator, k: int) -> tuple[ModelView, dict]:
     view = ModelView(
         hidden=None, q_logits=None,
         q_at=lambda h, a: jnp.einsum("...d,k...d->k...", h, f["q"][:, a]) + f["qb"][:, a],
-        value=lambda h: h @ f["v"], lm_logits=lambda h: h @ f["lm"].T, trunk=None, init_cache=None)
+        value=lambda h: h @ f["v"], lm_logits=lambda h: h @ f["lm"].T, trunk=None, init_cache=None,
+        lm_logsumexp=lambda h: jax.nn.logsumexp(h @ f["lm"].T, axis=-1),
+        lm_at=lambda h, a: jnp.einsum("...d,...d->...", h, f["lm"][a]))
     return view, w
 
 

@@ -81,6 +81,16 @@ class QHeads(nnx.Module):
         q = jnp.einsum(f"{k}...m,kvm->k...v", z, w, preferred_element_type=jnp.float32)
         return q if self.out_bias is None else q + _expand(self.out_bias[...], h.ndim - 1)
 
+    def output_layer(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """The output layer's inputs and weights, for reductions over the vocabulary that never form
+        ``[K, ..., Vp]`` (``jaxrl_lm.rl.vocab``): ``h [..., D] -> (z [K, ..., M], w [K, Vp, M], b [K, Vp] or
+        None)`` in the compute dtype (the bias float32), so that ``Q_k(h, v) = z_k . w_k[v] + b_k[v]``."""
+        z, k = self._features(h)
+        if not k:  # linear heads share h; the reductions take one [K, ..., M] operand
+            z = jnp.broadcast_to(z, (self.out_kernel.shape[0],) + z.shape)
+        bias = None if self.out_bias is None else self.out_bias[...]
+        return z, self.out_kernel[...].astype(self.dtype), bias
+
     def at(self, h: jax.Array, actions: jax.Array) -> jax.Array:
         """Q-values of the given actions only. ``[..., D], [...] int -> [K, ...]`` float32.
 

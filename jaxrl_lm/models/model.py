@@ -112,6 +112,30 @@ class QTransformer(nnx.Module):
         kernel = self.lm_head.kernel[...]
         return jnp.einsum("...d,dv->...v", h.astype(dt), kernel.astype(dt), preferred_element_type=jnp.float32)
 
+    def lm_output_layer(self, h: jax.Array) -> tuple[jax.Array, jax.Array, None]:
+        """The LM head as one output layer for ``jaxrl_lm.rl.vocab``: ``h [..., D] -> (z [1, ..., D], w [1, Vp, D],
+        None)`` in the compute dtype, ``logits[v] = z . w[v]``. An untied head's ``[D, Vp]`` kernel is read
+        transposed."""
+        dt = compute_dtype(self.cfg)
+        table = (self.transformer.token_embedding.embedding[...] if self.lm_head is None
+                 else self.lm_head.kernel[...].T)
+        return h.astype(dt)[None], table.astype(dt)[None], None
+
+    def lm_at(self, h: jax.Array, actions: jax.Array) -> jax.Array:
+        """Next-token logits of the given ids only (their rows of the LM weights gathered first, never
+        ``[..., Vp]``). ``[..., D], [...] int32 -> [...]`` float32."""
+        dt = compute_dtype(self.cfg)
+        if self.lm_head is None:
+            rows = jnp.take(self.transformer.token_embedding.embedding[...], actions, axis=0)
+        else:
+            rows = jnp.take(self.lm_head.kernel[...], actions, axis=1)
+            rows = jnp.moveaxis(rows, 0, -1)
+        return jnp.einsum("...d,...d->...", h.astype(dt), rows.astype(dt), preferred_element_type=jnp.float32)
+
+    def q_output_layer(self, h: jax.Array) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+        """The Q-heads' output layer (``QHeads.output_layer``): ``(z [K, ..., M], w [K, Vp, M], b [K, Vp] or None)``."""
+        return self.q_heads.output_layer(h)
+
     def q_logits(self, h: jax.Array) -> jax.Array:
         """Every head's Q-values for every action. ``[..., D] -> [K, ..., Vp]`` float32."""
         return self.q_heads(h)

@@ -78,24 +78,25 @@ def token_kl(logits: jnp.ndarray, reference_logits: jnp.ndarray, vocab_size: int
 
 
 def cql_loss(
-    q_logits: jnp.ndarray,
-    actions: jnp.ndarray,
+    normaliser: jnp.ndarray,
+    q_taken: jnp.ndarray,
     temperature: float,
-    vocab_size: int,
     weight: jnp.ndarray,
     denominator: jnp.ndarray,
 ) -> jnp.ndarray:
-    """L_CQL = mean_i sum_k CE(softmax(Q_k(h_i, .) / T), a_i). ``q_logits [K, ..., V], actions [...]``.
+    """L_CQL = mean_i sum_k CE(softmax(Q_k(h_i, .) / T), a_i). ``normaliser [K, ...] = logsumexp_a Q_k(h_i, a) / T``
+    (over the unpadded vocabulary), ``q_taken [K, ...] = Q_k(h_i, a_i)``.
 
-    CE(softmax(Q/T), a) = logsumexp_a' Q(s,a')/T - Q(s,a)/T: the CQL penalty for discrete actions.
+    CE(softmax(Q/T), a) = logsumexp_a' Q(s,a')/T - Q(s,a)/T: the CQL penalty for discrete actions. The normaliser
+    comes from ``ModelView.q_logsumexp`` so that the logits need never exist whole (``jaxrl_lm.rl.vocab``).
     """
-    labels = jnp.broadcast_to(actions[None], q_logits.shape[:-1])
-    return weighted_mean(jnp.sum(cross_entropy(q_logits / temperature, labels, vocab_size), axis=0), weight, denominator)
+    return weighted_mean(jnp.sum(normaliser - q_taken / temperature, axis=0), weight, denominator)
 
 
-def cql_gap(q_logits: jnp.ndarray, q_taken: jnp.ndarray, vocab_size: int) -> jnp.ndarray:
-    """logsumexp_a Q_k(h, a) - Q_k(h, a_data), per head and row (a monitoring metric). ``[K, ..., V] -> [K, ...]``."""
-    return jax.nn.logsumexp(mask_padded_vocab(q_logits, vocab_size), axis=-1) - q_taken
+def cql_gap(normaliser: jnp.ndarray, q_taken: jnp.ndarray) -> jnp.ndarray:
+    """logsumexp_a Q_k(h, a) - Q_k(h, a_data), per head and row (a monitoring metric), from the normaliser at
+    temperature 1. ``[K, ...], [K, ...] -> [K, ...]``, no gradient."""
+    return jax.lax.stop_gradient(normaliser - q_taken)
 
 
 def awr_weights(target_q_taken: jnp.ndarray, value: jnp.ndarray, beta: float, max_weight: float) -> jnp.ndarray:
@@ -107,12 +108,13 @@ def awr_weights(target_q_taken: jnp.ndarray, value: jnp.ndarray, beta: float, ma
 
 
 def bc_loss(
-    lm_logits: jnp.ndarray,
-    actions: jnp.ndarray,
+    normaliser: jnp.ndarray,
+    logit_taken: jnp.ndarray,
     awr_weight: jnp.ndarray,
-    vocab_size: int,
     weight: jnp.ndarray,
     denominator: jnp.ndarray,
 ) -> jnp.ndarray:
-    """L_BC = mean_i w_i * CE(softmax(LM(h_i, .)), a_i). ``lm_logits [..., V], actions [...], awr_weight [...]``."""
-    return weighted_mean(awr_weight * cross_entropy(lm_logits, actions, vocab_size), weight, denominator)
+    """L_BC = mean_i w_i * CE(softmax(LM(h_i, .)), a_i) with CE = ``normaliser - logit_taken``:
+    ``normaliser [...] = logsumexp_a LM(h_i, a)`` (unpadded vocabulary), ``logit_taken [...] = LM(h_i, a_i)``,
+    ``awr_weight [...]``."""
+    return weighted_mean(awr_weight * (normaliser - logit_taken), weight, denominator)

@@ -38,6 +38,14 @@ class ModelView(NamedTuple):
       ``[B, T]`` tokens under an explicit attention mask ``[B, T, S] bool``; with ``cache`` (from
       ``init_cache(batch_size, max_len)``, ``S = max_len``) the tokens are written at slots ``[cache_index,
       cache_index + T)`` and read every slot the mask allows, else (``cache=None``, ``S = T``) only each other.
+
+    Reductions over the vocabulary that never form ``[..., Vp]`` when ``model.vocab_chunk > 0``
+    (``jaxrl_lm.rl.vocab``; ids ``>= vocab_size`` never count), for losses that need only a normaliser or a max:
+    q_logsumexp(h, temperature) -> ``[K, ...]``: ``logsumexp_a Q_k(h, a) / temperature``, differentiable;
+    q_max(h) -> ``[...]``: ``max_a min_k Q_k(h, a)``, no gradient;
+    lm_logsumexp(h) -> ``[...]``: the LM logits' normaliser, differentiable;
+    lm_at(h, a ``[...] int32``) -> ``[...]``: the LM logit of ``a`` (its weight row gathered first).
+    A view built by hand (tests) may leave them None when its objective does not read them.
     """
 
     hidden: Callable[[Batch], jnp.ndarray]
@@ -47,6 +55,10 @@ class ModelView(NamedTuple):
     lm_logits: Callable[[jnp.ndarray], jnp.ndarray]
     trunk: Callable[..., tuple[jnp.ndarray, Any]]
     init_cache: Callable[[int, int], Any]
+    q_logsumexp: Callable[[jnp.ndarray, float], jnp.ndarray] | None = None
+    q_max: Callable[[jnp.ndarray], jnp.ndarray] | None = None
+    lm_logsumexp: Callable[[jnp.ndarray], jnp.ndarray] | None = None
+    lm_at: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] | None = None
 
 
 class TrunkFeed(NamedTuple):

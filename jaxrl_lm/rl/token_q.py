@@ -64,16 +64,36 @@ class TokenQConfig:
 class Heads(NamedTuple):
     """The model's heads as callables on hidden states ``h [..., D] float32``; outputs float32.
 
-    q_logits(h) -> [K, ..., V]; q_at(h, a [...] int32) -> [K, ...]; value(h) -> [...]; lm_logits(h) -> [..., V];
-    target_q_logits / target_q_at: the same with the target parameters.
+    q_at(h, a [...] int32) -> [K, ...]; value(h) -> [...]; lm_at(h, a) -> [...] (the LM logit of a);
+    target_q_at: q_at with the target parameters. The vocabulary enters only through reductions that need never
+    form ``[..., V]`` (``jaxrl_lm.rl.vocab`` with ``model.vocab_chunk``; padded ids ``>= vocab_size`` never count):
+    q_logsumexp(h, T) -> [K, ...] = logsumexp_a Q_k(h, a) / T; lm_logsumexp(h) -> [...] (the BC normaliser);
+    target_q_max(h) -> [...] = max_a min_k Qbar_k(h, a) (the ``max`` backup).
     """
 
-    q_logits: Callable[[jnp.ndarray], jnp.ndarray]
     q_at: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
     value: Callable[[jnp.ndarray], jnp.ndarray]
-    lm_logits: Callable[[jnp.ndarray], jnp.ndarray]
-    target_q_logits: Callable[[jnp.ndarray], jnp.ndarray]
+    lm_at: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
     target_q_at: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+    q_logsumexp: Callable[[jnp.ndarray, float], jnp.ndarray]
+    lm_logsumexp: Callable[[jnp.ndarray], jnp.ndarray]
+    target_q_max: Callable[[jnp.ndarray], jnp.ndarray]
+
+
+def heads_from_logits(*, q_logits: Callable, q_at: Callable, value: Callable, lm_logits: Callable,
+                      target_q_logits: Callable, target_q_at: Callable, vocab_size: int) -> Heads:
+    """``Heads`` whose reductions read whole logits: ``q_logits(h) -> [K, ..., V]``, ``lm_logits(h) -> [..., V]``
+    (hand-written heads such as lookup tables, whose logits are not a linear output layer)."""
+    def lse(logits):
+        return jax.nn.logsumexp(losses.mask_padded_vocab(logits, vocab_size), axis=-1)
+
+    return Heads(
+        q_at=q_at, value=value, target_q_at=target_q_at,
+        lm_at=lambda h, a: jnp.take_along_axis(lm_logits(h), a[..., None], axis=-1)[..., 0],
+        q_logsumexp=lambda h, temperature: lse(q_logits(h) / temperature),
+        lm_logsumexp=lambda h: lse(lm_logits(h)),
+        target_q_max=lambda h: losses.max_backup(target_q_logits(h), vocab_size),
+    )
 
 
 def decision_capacity(rl: RLConfig, seq_len: int) -> int:
@@ -144,7 +164,7 @@ def bellman_objective(
         backup = gather_rows(monte_carlo_returns(tr, batch["segment_ids"]), next_slots)
     else:
         target_next = gather_rows(target_hidden, next_slots)
-        backup = losses.max_backup(heads.target_q_logits(target_next), vocab_size)
+        backup = jax.lax.stop_gradient(heads.target_q_max(target_next))
         if q_cfg.backup == "sarsa":
             on_policy = jnp.min(heads.target_q_at(target_next, next_action), axis=0)
             backup = jnp.where(next_is_decision, on_policy, backup)  # a truncation state backs up as `max`
@@ -152,15 +172,15 @@ def bellman_objective(
     target = losses.td_target(reward, done, discount, backup, q_cfg.value_min, q_cfg.value_max)
 
     metrics: dict[str, jnp.ndarray] = {}
+    q_taken = heads.q_at(h, action)  # [K, B, M]
     if q_cfg.cql_alpha > 0:
-        q_logits = heads.q_logits(h)  # [K, B, M, V]
-        q_taken = jnp.take_along_axis(q_logits, jnp.broadcast_to(action[None, ..., None], q_logits.shape[:-1] + (1,)),
-                                      axis=-1)[..., 0]
-        cql = losses.cql_loss(q_logits, action, q_cfg.cql_temperature, vocab_size, weight, denominator)
-        gap = losses.cql_gap(jax.lax.stop_gradient(q_logits), jax.lax.stop_gradient(q_taken), vocab_size)
+        normaliser = heads.q_logsumexp(h, q_cfg.cql_temperature)  # [K, B, M]
+        cql = losses.cql_loss(normaliser, q_taken, q_cfg.cql_temperature, weight, denominator)
+        # The monitored gap is at temperature 1: the same normaliser when T = 1, a forward-only one otherwise.
+        at_one = normaliser if q_cfg.cql_temperature == 1.0 else heads.q_logsumexp(jax.lax.stop_gradient(h), 1.0)
+        gap = losses.cql_gap(at_one, q_taken)
         metrics["cql_gap"] = losses.weighted_mean(jnp.mean(gap, axis=0), weight, n_used)
     else:
-        q_taken = heads.q_at(h, action)
         cql = jnp.float32(0.0)
 
     q = losses.q_loss(q_taken, target, weight, denominator)
@@ -168,7 +188,7 @@ def bellman_objective(
          if q_cfg.backup == "expectile" else jnp.float32(0.0))
     if q_cfg.lambda_bc > 0:
         awr = losses.awr_weights(target_q_taken, value, q_cfg.awr_beta, q_cfg.awr_max_weight)
-        bc = losses.bc_loss(heads.lm_logits(h), action, awr, vocab_size, weight, denominator)
+        bc = losses.bc_loss(heads.lm_logsumexp(h), heads.lm_at(h, action), awr, weight, denominator)
         metrics["awr_weight_mean"] = losses.weighted_mean(awr, weight, n_used)
     else:
         bc = jnp.float32(0.0)
@@ -210,8 +230,8 @@ def token_q_loss(q_cfg: TokenQConfig, rl: RLConfig, batch: Mapping[str, jnp.ndar
     """``bellman_objective`` on the online and target views; target forwards are deterministic (no dropout)."""
     online, target = views["online"], views["target"]
     target_hidden = target.hidden(batch) if q_cfg.target_scope == "full" else hidden
-    heads = Heads(q_logits=online.q_logits, q_at=online.q_at, value=online.value, lm_logits=online.lm_logits,
-                  target_q_logits=target.q_logits, target_q_at=target.q_at)
+    heads = Heads(q_at=online.q_at, value=online.value, lm_at=online.lm_at, target_q_at=target.q_at,
+                  q_logsumexp=online.q_logsumexp, lm_logsumexp=online.lm_logsumexp, target_q_max=target.q_max)
     return bellman_objective(q_cfg, rl, batch, hidden, target_hidden, heads, vocab_size=vocab_size,
                              denominator=denominator)
 

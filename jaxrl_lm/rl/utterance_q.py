@@ -299,8 +299,8 @@ def _bc_loss(rl: RLConfig, batch: Mapping[str, jnp.ndarray], hidden: jnp.ndarray
     """Sum over the data's agent tokens of -log pi_LM(a | state before it), over the turn count; and the agent
     tokens that did not fit in ``rl.decision_fraction`` slots."""
     positions, used, dropped = agent_token_slots(rl, batch)
-    logits = online.lm_logits(gather_rows(hidden, positions - 1))  # [B, M, Vp]
-    ce = losses.cross_entropy(logits, gather_rows(batch["tokens"], positions), vocab_size)
+    h = gather_rows(hidden, positions - 1)  # [B, M, D]; the normaliser never forms [B, M, Vp] (model.vocab_chunk)
+    ce = online.lm_logsumexp(h) - online.lm_at(h, gather_rows(batch["tokens"], positions))
     return losses.weighted_mean(ce, used, denominator), dropped
 
 

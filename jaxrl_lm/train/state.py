@@ -82,13 +82,16 @@ def decays(path: tuple) -> bool:
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     """AdamW with global-norm clipping; weight decay only on weights (kernels, embeddings, LoRA factors), never on
-    biases or norm scales (``decays``)."""
+    biases or norm scales (``decays``). ``optim.mu_dtype: bfloat16`` stores the first moment in bfloat16 (computed
+    in float32, rounded when stored); the second moment stays float32, since its per-step change (1 - b2, 5% at
+    b2 = 0.95, 0.1% at 0.999) can fall below bfloat16's resolution and stall it."""
     o = cfg.optim
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)  # noqa: E731
     parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
     parts.append(
         optax.adamw(learning_rate_schedule(o, cfg.train.steps), b1=o.b1, b2=o.b2, eps=o.eps,
-                    weight_decay=o.weight_decay, mask=decay_mask)
+                    weight_decay=o.weight_decay, mask=decay_mask,
+                    mu_dtype=None if o.mu_dtype == "float32" else jnp.dtype(o.mu_dtype))
     )
     return optax.chain(*parts)
 

@@ -21,7 +21,7 @@ from jaxrl_lm.batch import trunk_inputs
 from jaxrl_lm.config import Config
 from jaxrl_lm.models import Params, QTransformer, model_graphdef
 from jaxrl_lm.models.partition import Partition
-from jaxrl_lm.rl import ModelView, Objective, TrunkFeed, get_objective
+from jaxrl_lm.rl import ModelView, Objective, TrunkFeed, get_objective, vocab
 from jaxrl_lm.train.state import TrainState, make_optimizer, param_groups
 
 
@@ -38,8 +38,29 @@ def model_view(model: QTransformer, context: str, frozen_layers: int = 0) -> Mod
             return model.hidden(tokens, positions, None, mask=mask), None
         return model.hidden_with_cache(tokens, positions, cache, cache_index, mask=mask)
 
+    n_valid, chunk = model.cfg.vocab_size, model.cfg.vocab_chunk
+
+    def flat(output_layer, h):
+        """``h [..., D]`` -> the output layer's ``(z [K, N, E], w, b)`` and ``h``'s leading shape."""
+        z, w, b = output_layer(h.reshape(-1, h.shape[-1]))
+        return (z, w, b), h.shape[:-1]
+
+    def q_logsumexp(h, temperature=1.0):
+        (z, w, b), lead = flat(model.q_output_layer, h)
+        return vocab.logsumexp(z, w, b, n_valid=n_valid, chunk=chunk, scale=1.0 / temperature).reshape(
+            (z.shape[0],) + lead)
+
+    def q_max(h):
+        (z, w, b), lead = flat(model.q_output_layer, h)
+        return vocab.max_min(z, w, b, n_valid=n_valid, chunk=chunk).reshape(lead)
+
+    def lm_logsumexp(h):
+        (z, w, b), lead = flat(model.lm_output_layer, h)
+        return vocab.logsumexp(z, w, b, n_valid=n_valid, chunk=chunk)[0].reshape(lead)
+
     return ModelView(hidden=hidden, q_logits=model.q_logits, q_at=model.q_at, value=model.value,
-                     lm_logits=model.lm_logits, trunk=trunk, init_cache=model.init_cache)
+                     lm_logits=model.lm_logits, trunk=trunk, init_cache=model.init_cache, q_logsumexp=q_logsumexp,
+                     q_max=q_max, lm_logsumexp=lm_logsumexp, lm_at=model.lm_at)
 
 
 def loss_fn(
@@ -139,31 +160,38 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sha
         metrics = {k: (jnp.sum(v) if k in objective.summed_metrics else jnp.mean(v))
                    for k, v in micro_metrics.items()}
 
-        updates, new_opt_state = tx.update(grads, state.opt_state, trained)
-        new_trained = optax.apply_updates(trained, updates)
-        new_params = part.join(new_trained, frozen)
-        # EMA groups follow the new parameters once per optimizer step, snapshots copy them every
-        # refresh_every-th step; frozen groups never change. Groups hold the trained part only.
-        new_groups = {}
-        for name, group in state.groups.items():
-            role = roles[name]
-            if role.role == "ema":
-                group = {k: ema(group[k], new_trained[k], eta) for k in group}
-            elif role.role == "snapshot":
-                fresh = (state.step + 1) % role.refresh_every == 0
-                group = {k: jax.tree.map(lambda new, old: jnp.where(fresh, new, old), new_trained[k], group[k])
-                         for k in group}
-            new_groups[name] = group
-
         # A batch without decisions (all padding, or no action token) has a zero gradient: applying it would still
         # move the parameters by Adam's momentum and the target by its EMA, a step taken on no data. It is skipped
         # like a non-finite one.
         ok = jnp.isfinite(metrics["loss"]) & _all_finite(grads) & (denominator > 0)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+
+        def apply(operands):
+            trained, opt_state, groups = operands
+            updates, new_opt_state = tx.update(grads, opt_state, trained)
+            new_trained = optax.apply_updates(trained, updates)
+            # EMA groups follow the new parameters once per optimizer step, snapshots copy them every
+            # refresh_every-th step; frozen groups never change. Groups hold the trained part only.
+            new_groups = {}
+            for name, group in groups.items():
+                role = roles[name]
+                if role.role == "ema":
+                    group = {k: ema(group[k], new_trained[k], eta) for k in group}
+                elif role.role == "snapshot":
+                    fresh = (state.step + 1) % role.refresh_every == 0
+                    group = {k: jax.tree.map(lambda new, old: jnp.where(fresh, new, old), new_trained[k], group[k])
+                             for k in group}
+                new_groups[name] = group
+            return new_trained, new_opt_state, new_groups
+
+        # The skip is a branch, not a select between old and new trees: a select needs the old parameters and
+        # optimizer moments alive beside the new ones, so XLA copies every one of them (3.4 GB on GPT-2 small);
+        # inside the branch the optimizer writes them in place. Under jax.vmap (seeds) the branch becomes a select.
+        new_trained, new_opt_state, new_groups = jax.lax.cond(ok, apply, lambda operands: operands,
+                                                              (trained, state.opt_state, state.groups))
         new_state = TrainState(
-            params=keep(new_params, state.params),
-            groups=keep(new_groups, state.groups),
-            opt_state=keep(new_opt_state, state.opt_state),
+            params=part.join(new_trained, frozen),
+            groups=new_groups,
+            opt_state=new_opt_state,
             step=state.step + 1,
             skipped=state.skipped + (~ok).astype(jnp.int32),
             rng=jax.random.key_data(rng),
