@@ -190,6 +190,7 @@ class DataConfig:
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes that split the batch's rows (and every activation's rows)
 
 # [logical axis, mesh axis | [mesh axes] | None]; see configs/base.yaml (mesh.rules) for how they are applied.
 ShardingRule = tuple[str, Optional[Union[str, tuple[str, ...]]]]

@@ -21,7 +21,7 @@ from flax import nnx
 from jaxrl_lm.config import ModelConfig
 from jaxrl_lm.models.blocks import GPT2Block, LlamaBlock, compute_dtype
 from jaxrl_lm.models.layers import (
-    KV, AttentionInputs, LayerNorm, RMSNorm, attention_mask, dropout, embed, rope_tables,
+    KV, AttentionInputs, LayerNorm, RMSNorm, attention_mask, dropout, embed, rope_tables, shard_rows,
 )
 
 REMAT_POLICIES = {
@@ -85,8 +85,9 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, inputs: AttentionInputs, layer
     graphdef, params = nnx.split(blocks)
 
     def body(x, layer):
+        # The residual stream's rows stay split like the batch's (shard_rows: XLA gathers the FSDP weights).
         layer_params, rng = layer
-        return nnx.merge(graphdef, layer_params)(x, inputs, rng, None)[0], None
+        return shard_rows(nnx.merge(graphdef, layer_params)(shard_rows(x), inputs, rng, None)[0]), None
 
     if kv is None:
         if frozen_layers:

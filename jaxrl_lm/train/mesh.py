@@ -22,11 +22,10 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrl_lm.config import MESH_AXES, ConfigError, MeshConfig
+from jaxrl_lm.config import BATCH_AXES, MESH_AXES, ConfigError, MeshConfig
 from jaxrl_lm.data.loader import to_global_batch
 from jaxrl_lm.topology import parse_topology
 
-BATCH_AXES = ("data", "fsdp")
 
 
 def mesh_shape(m: MeshConfig, n_devices: int) -> tuple[int, int, int]:

@@ -20,6 +20,7 @@ from flax import nnx
 from jaxrl_lm.batch import trunk_inputs
 from jaxrl_lm.config import Config
 from jaxrl_lm.models import Params, QTransformer, model_graphdef
+from jaxrl_lm.models.layers import shard_rows
 from jaxrl_lm.models.partition import Partition
 from jaxrl_lm.rl import ModelView, Objective, TrunkFeed, get_objective, vocab
 from jaxrl_lm.train.state import TrainState, make_optimizer, param_groups
@@ -41,9 +42,10 @@ def model_view(model: QTransformer, context: str, frozen_layers: int = 0) -> Mod
     n_valid, chunk = model.cfg.vocab_size, model.cfg.vocab_chunk
 
     def flat(output_layer, h):
-        """``h [..., D]`` -> the output layer's ``(z [K, N, E], w, b)`` and ``h``'s leading shape."""
-        z, w, b = output_layer(h.reshape(-1, h.shape[-1]))
-        return (z, w, b), h.shape[:-1]
+        """``h [..., D]`` -> the output layer's ``(z [K, N, E], w, b)`` and ``h``'s leading shape; the ``N`` rows
+        split over the batch axes like the batch (``shard_rows``), so that no device projects every row."""
+        z, w, b = output_layer(shard_rows(h.reshape(-1, h.shape[-1])))
+        return (shard_rows(z, axis=1), w, b), h.shape[:-1]
 
     def q_logsumexp(h, temperature=1.0):
         (z, w, b), lead = flat(model.q_output_layer, h)
@@ -58,9 +60,11 @@ def model_view(model: QTransformer, context: str, frozen_layers: int = 0) -> Mod
         (z, w, b), lead = flat(model.lm_output_layer, h)
         return vocab.logsumexp(z, w, b, n_valid=n_valid, chunk=chunk)[0].reshape(lead)
 
-    return ModelView(hidden=hidden, q_logits=model.q_logits, q_at=model.q_at, value=model.value,
-                     lm_logits=model.lm_logits, trunk=trunk, init_cache=model.init_cache, q_logsumexp=q_logsumexp,
-                     q_max=q_max, lm_logsumexp=lm_logsumexp, lm_at=model.lm_at)
+    return ModelView(hidden=lambda batch: shard_rows(hidden(batch)), q_logits=lambda h: model.q_logits(shard_rows(h)),
+                     q_at=lambda h, a: model.q_at(shard_rows(h), a), value=lambda h: model.value(shard_rows(h)),
+                     lm_logits=lambda h: model.lm_logits(shard_rows(h)), trunk=trunk, init_cache=model.init_cache,
+                     q_logsumexp=q_logsumexp, q_max=q_max, lm_logsumexp=lm_logsumexp,
+                     lm_at=lambda h, a: model.lm_at(shard_rows(h), a))
 
 
 def loss_fn(
@@ -105,6 +109,7 @@ def loss_fn(
                                       vocab_size=cfg.model.vocab_size)
         hidden = model.hidden(feed.tokens, feed.positions, feed.attention_ids, mask=feed.mask,
                               dropout_rng=dropout_rng, frozen_layers=part.forward_arg)
+    hidden = shard_rows(hidden)
     return objective.loss(settings, cfg.rl, {**batch, **extras}, hidden, views, denominator,
                           vocab_size=cfg.model.vocab_size)
 
@@ -207,6 +212,15 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sha
     return update
 
 
+def in_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+    """``fn`` traced under ``mesh``'s abstract mesh, so that the model's ``shard_rows`` constraints pin every
+    activation's rows to the batch axes (``jaxrl_lm.models.layers.shard_rows``)."""
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+    return traced
+
+
 def micro_sharding(batch_sharding: Any) -> jax.sharding.NamedSharding | None:
     """Every micro-batch split over the batch devices like the whole batch. Left to itself, XLA shards the
     ``[n, B / n, L]`` reshape along the micro-batch axis ``n`` and then repeats each scan step on all devices."""
@@ -251,6 +265,8 @@ def make_update(cfg: Config, graphdef: nnx.GraphDef | None = None, *, state_shar
     fn = build_update_fn(cfg, graphdef, micro_sharding(batch_sharding) if cfg.optim.grad_accum > 1 else None)
     if seed_axis:
         fn = jax.vmap(fn, in_axes=(0, None))
+    if isinstance(batch_sharding, jax.sharding.NamedSharding):
+        fn = in_mesh(fn, batch_sharding.mesh)
     if state_sharding is None and batch_sharding is None:
         return jax.jit(fn, donate_argnums=0)
     return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
