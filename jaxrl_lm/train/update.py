@@ -10,6 +10,7 @@ The state is donated: the caller must use the returned state, never the one it p
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -215,6 +216,7 @@ def build_update_fn(cfg: Config, graphdef: nnx.GraphDef, micro_sharding: jax.sha
 def in_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
     """``fn`` traced under ``mesh``'s abstract mesh, so that the model's ``shard_rows`` constraints pin every
     activation's rows to the batch axes (``jaxrl_lm.models.layers.shard_rows``)."""
+    @functools.wraps(fn)  # the compiled module keeps the name ``jit_update`` (profiles, XLA dumps)
     def traced(*args):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args)
