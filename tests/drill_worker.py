@@ -20,9 +20,13 @@ triggered launches, up to ``finish`` plain launches run the chain to its end. A 
     {"at": "prefetch", "n": k}             inside the loader's prefetch thread, while it packs its k-th batch
     {"at": "eval", "n": k, "delay_ms": d}  d ms into the k-th evaluation (eval.every)
     {"at": "random", "delay_s": t}         sent by this process t seconds after the launch's first update
-                                           (t < 0: drawn uniformly from [0, T * f], T the time from the first
-                                           to the last update of the first launch without a trigger, f the
-                                           fraction of the steps still to run)
+                                           (t < 0: a moment drawn uniformly over the steps still to run, u in
+                                           [0, steps left): sent u - floor(u) step times after the launch's
+                                           update floor(u) + 1, or at the next update if that comes first; a
+                                           step time is the first launch without a trigger's, first to last
+                                           update over the steps. Counting updates rather than seconds keeps
+                                           the moment inside the run when later launches, which load the
+                                           compiled programs from the cache, run faster than that first one)
     {"at": "none"}                         no signal
 
 The child reports its updates, saves and the trigger on a pipe; REPORT holds, per launch: the trigger, how it
@@ -174,17 +178,20 @@ def launch(chain: dict, trigger: dict, index: int, training_s: float | None, rng
         child(argv, trigger, signum, write_fd, log)
     os.close(write_fd)
     os.set_blocking(read_fd, False)
-    delay = None
+    delay, after_updates, step_s = None, None, None
     if trigger.get("at") == "random":
         delay = float(trigger["delay_s"])
-        if delay < 0:  # within the work left: the training time of a whole run, scaled by the steps to go
-            left = 1.0 - (before[-1] if before else 0) / int(chain["steps"])
-            delay = rng.uniform(0.0, (training_s or 5.0) * left)
+        if delay < 0:  # a moment within the work left, counted in updates (see the module docstring)
+            steps = int(chain["steps"])
+            u = rng.uniform(0.0, steps - (before[-1] if before else 0))
+            after_updates, delay = int(u), u - int(u)
+            step_s = (training_s or 0.05 * (steps - 1)) / (steps - 1)
     events: list[str] = []
     buffer, first_update, last_update, sent, status, done = b"", None, None, None, 0, False
+    updates = 0
 
     def drain() -> None:
-        nonlocal buffer, first_update, last_update
+        nonlocal buffer, first_update, last_update, updates
         while True:
             try:
                 chunk = os.read(read_fd, 65536)
@@ -199,11 +206,16 @@ def launch(chain: dict, trigger: dict, index: int, training_s: float | None, rng
                 if line == b"update":
                     last_update = time.monotonic()
                     first_update = first_update or last_update
+                    updates += 1
 
     while not done:
         drain()
         now = time.monotonic()
-        if delay is not None and sent is None and first_update is not None and now - first_update >= delay:
+        if after_updates is not None:
+            due = updates > after_updates + 1 or (updates == after_updates + 1 and now - last_update >= delay * step_s)
+        else:
+            due = delay is not None and first_update is not None and now - first_update >= delay
+        if due and sent is None:
             try:
                 os.kill(pid, signum)
                 sent = now - first_update
