@@ -259,6 +259,7 @@ class EvalConfig:
     max_new_tokens: int = 32  # token budget of one action turn
     candidates: int = 4  # the utterance policy: turns sampled from the LM head, the best by min_k Q is said
     candidate_temperature: float = 1.0  # the utterance policy's sampling temperature of its candidates
+    greedy_candidate: bool = False  # the utterance policy: one of its candidates is the LM head's greedy turn
     legal_actions: bool = False  # decode only the task's legal actions (its env's legal_actions(), a token trie)
 
 

@@ -213,7 +213,8 @@ def evaluate_training_policies(cfg: Config, params: Params, *, seed: int = 0) ->
     results = []
     for kind in e.policies:
         # The utterance policy samples its candidates (eval.candidate_temperature) and picks the best by Q.
-        runs = [dict(best_of=e.candidates, temperature=e.candidate_temperature)] if kind == "utterance" else \
+        runs = [dict(best_of=e.candidates, temperature=e.candidate_temperature,
+                     greedy_candidate=e.greedy_candidate)] if kind == "utterance" else \
             [dict(temperature=0.0 if d == "greedy" else e.temperature) for d in e.decodings]
         for knobs in runs:
             if e.legal_actions:  # constrained decoding: each turn is one of the env's legal actions
@@ -280,7 +281,8 @@ def _policy_label(result: Mapping[str, Any]) -> str:
     label += f" top-k={p['top_k']}" if p["top_k"] else ""
     label += f" top-p={p['top_p']:g}" if p["top_p"] < 1 else ""
     label += " legal-only" if p.get("actions") else ""
-    return label + (f" best-of-{p['best_of']}" if p["best_of"] > 1 else "")
+    label += f" best-of-{p['best_of']}" if p["best_of"] > 1 else ""
+    return label + (" +greedy" if p.get("greedy_candidate") else "")
 
 
 def _cell(result: Mapping[str, Any], key: str, fmt: str) -> str:

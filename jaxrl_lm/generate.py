@@ -18,12 +18,16 @@ the choice, and the chosen token advances the node, so a constrained turn is one
 EOT. Without a trie (``trie=None``) no mask is built and no node is carried: the decoder's program is the one it
 was before tries existed, and its outputs are bitwise the same (``tests/test_action_trie.py``).
 
-Best-of-N (``DecodeSpec.best_of = N``): every episode's row is repeated N times, the N candidate turns are
-sampled independently, and the one with the highest *final-token Q-value* is kept: ``min_k Q_k(h, a_last)``
+Best-of-N (``DecodeSpec.best_of = N``): each episode's prompt is prefilled once, then its hidden state and KV
+cache are repeated N times (the prompt's compute is paid once, not N times), the N candidate turns are sampled
+independently, and the one with the highest *final-token Q-value* is kept: ``min_k Q_k(h, a_last)``
 where ``a_last`` is the turn's last token (its EOT when it finished) and ``h`` the state just before it. Under
 the token-level Bellman backup that is the value of the completed turn (its reward plus the discounted value of
 what follows), conditioned on every token of the candidate, where the first token's Q would only see the first
-token. Candidates that ran out of budget before a stop token rank below every finished one.
+token. Candidates that ran out of budget before a stop token rank below every finished one. With
+``DecodeSpec.greedy_candidate`` the first of each episode's N candidates is decoded greedily (argmax of the same
+scores, masks included) and the other N - 1 are sampled, so the choice can always fall back on the greedy turn:
+a critic that ranks turns well then never does worse than the greedy decoding of the same head.
 """
 
 from __future__ import annotations
@@ -53,12 +57,18 @@ class DecodeSpec:
     top_k: keep the k best tokens before sampling; 0 = off.
     max_new_tokens: token budget of one turn, its stop token included.
     best_of: candidate turns sampled per episode; the highest final-token Q-value wins (module docstring).
+    greedy_candidate: best-of-N only: the first candidate of each episode is the greedy turn, the others sampled.
+    shared_prefill: best-of-N only: prefill each prompt once and copy its cache to the N candidates (default);
+      False prefills the N copies as separate rows, the same result at N times the prefill (the baseline of
+      ``best_of_throughput``).
     """
 
     kind: str = "ilql"
     top_k: int = 0
     max_new_tokens: int = 32
     best_of: int = 1
+    greedy_candidate: bool = False
+    shared_prefill: bool = True
 
     def __post_init__(self) -> None:
         check_kind(self.kind)
@@ -68,6 +78,9 @@ class DecodeSpec:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.best_of < 1:
             raise ValueError(f"best_of must be >= 1, got {self.best_of}")
+        if self.greedy_candidate and self.best_of < 2:
+            raise ValueError(f"greedy_candidate adds the greedy turn to best-of-N candidates: it needs best_of >= 2, "
+                             f"got {self.best_of}")
 
 
 class Sampling(NamedTuple):
@@ -147,6 +160,10 @@ def _choose(model: QTransformer, spec: DecodeSpec, sampling: Sampling, stop_ids:
         legal = trie_mask(trie, s.node, spec.max_new_tokens - s.t, scores.shape[-1]) | s.done[:, None]
         allowed = legal if allowed is None else legal & allowed
     token = sample_tokens(key, scores, sampling.temperature, spec.top_k, sampling.top_p, allowed)
+    if spec.greedy_candidate:  # row b * n is episode b's greedy candidate
+        greedy = jnp.argmax(scores if allowed is None else jnp.where(allowed, scores, -jnp.inf), axis=-1)
+        first = jnp.arange(token.shape[0]) % spec.best_of == 0
+        token = jnp.where(first, greedy.astype(jnp.int32), token)
     if q is not None:
         q_token = jnp.take_along_axis(jnp.min(q, axis=0), token[:, None], axis=-1)[:, 0]
     elif spec.best_of > 1:
@@ -230,14 +247,21 @@ def decode(graphdef: nnx.GraphDef, params: Params, prompt: jax.Array, prompt_len
     if trie is not None and trie.roots.shape != prompt_lengths.shape:
         raise ValueError(f"decode: trie.roots has shape {trie.roots.shape}, expected one root per prompt row "
                          f"{prompt_lengths.shape} (-1 for an unconstrained row)")
-    if n > 1:  # candidates of one episode are adjacent rows: row b * n + i
+    # Candidates of one episode are adjacent rows b * n + i. Shared: one prefill per episode, its state and cache
+    # copied to the N candidates; otherwise (the benchmark's baseline) N prefills of the same prompt.
+    if n > 1 and not spec.shared_prefill:
         prompt, prompt_lengths = jnp.repeat(prompt, n, axis=0), jnp.repeat(prompt_lengths, n, axis=0)
+    h, cache = prefill(model, prompt, prompt_lengths, new)
+    if n > 1 and spec.shared_prefill:
+        h, prompt_lengths = jnp.repeat(h, n, axis=0), jnp.repeat(prompt_lengths, n, axis=0)
+        cache = KVCache(jnp.repeat(cache.k, n, axis=1), jnp.repeat(cache.v, n, axis=1),
+                        jnp.repeat(cache.segment_ids, n, axis=0))
+    if n > 1:
         if allowed is not None and allowed.ndim == 2:
             allowed = jnp.repeat(allowed, n, axis=0)
         if trie is not None:
             trie = dataclasses.replace(trie, roots=jnp.repeat(trie.roots, n, axis=0))
-    rows = prompt.shape[0]
-    h, cache = prefill(model, prompt, prompt_lengths, new)
+    rows = prompt_lengths.shape[0]
     empty = Decoded(jnp.full((rows, new), pad_id, jnp.int32), jnp.zeros(rows, jnp.int32), jnp.zeros(rows, bool),
                     jnp.zeros(rows, jnp.float32))
     choose = functools.partial(_choose, model, spec, sampling, stop_ids, pad_id, allowed, trie)
@@ -293,3 +317,44 @@ def decode_throughput(cfg: ModelConfig, params: Params, *, batch: int = 8,
             "new_tokens": new_tokens, "compile_s": compile_s, "decode_s": decode_s,
             "new_tokens_per_s": batch * new_tokens / decode_s, "step_ms": 1e3 * decode_s / new_tokens,
             "prefill_ms": 1e3 * prefill_s, "token_ms": 1e3 * max(decode_s - prefill_s, 0.0) / new_tokens}
+
+
+def best_of_throughput(cfg: ModelConfig, params: Params, *, batch: int = 4, prompt_len: int = 384,
+                       new_tokens: int = 16, best_of: int = 8, kind: str = "utterance", repeats: int = 3,
+                       seed: int = 0) -> dict[str, float]:
+    """Best-of-N decoding with one prefill per episode against its baseline, the N candidates of every episode
+    decoded as ``batch * N`` separate rows (N prefills of the same prompt), in one process on the same prompts,
+    keys and samples (sampling at T = 1, no stop token).
+
+    The default shape is the utterance policy's: a long history, a short turn. Returns ``shared_s`` and
+    ``separate_s`` (best of ``repeats`` timed calls each, after a compiling one), ``speedup`` (their ratio) and
+    ``shared_prefill_ms`` / ``separate_prefill_ms`` (the prefill of ``batch`` and of ``batch * N`` rows alone).
+    """
+    if prompt_len + new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds model.max_seq_len "
+                         f"{cfg.max_seq_len}")
+    rng = np.random.default_rng(seed)
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    rows, row_lengths = jnp.repeat(prompt, best_of, axis=0), jnp.repeat(lengths, best_of, axis=0)
+    graphdef = model_graphdef(cfg)
+    tail = (jax.random.key(seed), Sampling.make(temperature=1.0), jnp.array([-1], jnp.int32), jnp.int32(0))
+    shared_spec = DecodeSpec(kind=kind, max_new_tokens=new_tokens, best_of=best_of)
+    separate_spec = DecodeSpec(kind=kind, max_new_tokens=new_tokens, best_of=best_of, shared_prefill=False)
+
+    def timed(fn) -> float:
+        jax.block_until_ready(fn())
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    shared_s = timed(lambda: decode(graphdef, params, prompt, lengths, *tail, spec=shared_spec))
+    separate_s = timed(lambda: decode(graphdef, params, prompt, lengths, *tail, spec=separate_spec))
+    prefill_only = jax.jit(lambda p, x, n: prefill(nnx.merge(graphdef, p), x, n, new_tokens))
+    return {"kind": kind, "batch": batch, "best_of": best_of, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "shared_s": shared_s, "separate_s": separate_s, "speedup": separate_s / shared_s,
+            "shared_prefill_ms": 1e3 * timed(lambda: prefill_only(params, prompt, lengths)),
+            "separate_prefill_ms": 1e3 * timed(lambda: prefill_only(params, rows, row_lengths))}

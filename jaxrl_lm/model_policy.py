@@ -306,6 +306,7 @@ def load_policy(
     top_k: int = 0,
     top_p: float = 1.0,
     best_of: Optional[int] = None,
+    greedy_candidate: Optional[bool] = None,
     max_new_tokens: Optional[int] = None,
     tokenizer: Optional[Tokenizer] = None,
     cfg: Optional[Config | ModelConfig] = None,
@@ -323,14 +324,15 @@ def load_policy(
         or ``step``), or a parameter dict (``cfg`` then required).
       kind: ``"ilql"``, ``"bc"``, ``"q"``, ``"utterance"`` or ``"actor"`` (``jaxrl_lm.rl.policy_extraction``);
         beta, temperature, top_k, top_p: its knobs (temperature 0 = greedy); best_of: candidate turns per step, the best final-token
-        Q wins (``utterance`` needs ``best_of >= 2`` and a temperature above 0: it chooses among samples).
+        Q wins (``utterance`` needs ``best_of >= 2`` and a temperature above 0: it chooses among samples);
+        greedy_candidate: with ``best_of >= 2``, one of the candidates is the greedy turn (``DecodeSpec``).
       max_new_tokens: token budget of one action turn, its EOT included.
         Left out (None), ``kind``, ``beta``, ``temperature``, ``best_of`` and ``max_new_tokens`` are those the run
         was evaluated with, from a full ``Config`` (the one saved in a run directory): the last of
         ``eval.policies``, ``eval.beta``, the first of ``eval.decodings`` (greedy: temperature 0; sampled:
-        ``eval.temperature``) (``eval.candidate_temperature`` and
-        ``eval.candidates`` for ``utterance``), ``eval.max_new_tokens``; with a bare ``ModelConfig``: ``ilql``,
-        1.0, 1.0, 1, 32.
+        ``eval.temperature``) (``eval.candidate_temperature``,
+        ``eval.candidates`` and ``eval.greedy_candidate`` for ``utterance``), ``eval.max_new_tokens``; with a bare
+        ``ModelConfig``: ``ilql``, 1.0, 1.0, 1, False, 32.
       tokenizer: default: the run directory's own copy (``<run>/tokenizer``, written when training starts), else
         ``cfg.data.tokenizer`` for a full ``Config``, else the built-in byte tokenizer (a bare ``ModelConfig``).
       cfg: the run's ``Config`` (or just its ``ModelConfig``); default for a checkpoint: the config saved in it.
@@ -372,6 +374,8 @@ def load_policy(
             temperature = e.candidate_temperature if utterance else 0.0 if e.decodings[0] == "greedy" else \
                 e.temperature
         best_of = (e.candidates if utterance else 1) if best_of is None else best_of
+        if greedy_candidate is None:
+            greedy_candidate = e.greedy_candidate and utterance and best_of >= 2
         max_new_tokens = e.max_new_tokens if max_new_tokens is None else max_new_tokens
     kind = kind or "ilql"
     beta, temperature = 1.0 if beta is None else beta, 1.0 if temperature is None else temperature
@@ -384,7 +388,8 @@ def load_policy(
     if kind == "utterance" and (best_of < 2 or temperature <= 0):
         raise ValueError(f"load_policy: the utterance policy chooses among sampled turns: it needs best_of >= 2 "
                          f"and temperature > 0, got best_of={best_of}, temperature={temperature}")
-    spec = DecodeSpec(kind=kind, top_k=top_k, max_new_tokens=max_new_tokens, best_of=best_of)
+    spec = DecodeSpec(kind=kind, top_k=top_k, max_new_tokens=max_new_tokens, best_of=best_of,
+                      greedy_candidate=bool(greedy_candidate))
     return ModelPolicy(model_cfg, params, tokenizer, spec=spec, sampling=Sampling.make(beta, temperature, top_p),
                        context_len=context_len, seed=seed, allowed_tokens=allowed_tokens, max_turns=max_turns,
                        actions=actions)
@@ -395,6 +400,7 @@ def describe(policy: ModelPolicy) -> dict[str, Any]:
     s = policy.sampling
     return {"kind": policy.spec.kind, "beta": float(s.beta), "temperature": float(s.temperature),
             "top_k": policy.spec.top_k, "top_p": float(s.top_p), "best_of": policy.spec.best_of,
+            "greedy_candidate": policy.spec.greedy_candidate,
             "max_new_tokens": policy.spec.max_new_tokens, "max_prompt_len": policy.max_prompt_len,
             "max_turns": policy.max_turns,
             "actions": None if policy.actions is None else "per call" if callable(policy.actions) else "fixed"}

@@ -22,6 +22,10 @@ bc policy greedy (``bc_greedy``, the like-for-like line for ``generate``) and sa
 new tokens per second over the whole batch, prefill included, and the prefill alone (``prefill_ms``) and one
 decoding step (``token_ms``) apart.
 
+The ``best_of_gpt2_small`` line times best-of-8 decoding (``jaxrl_lm.generate.best_of_throughput``) at the
+utterance policy's shape, each episode's history prefilled once and copied to its 8 candidates, against the same
+decoding with 8 prefills of each history: ``speedup`` is their ratio (same prompts, keys and samples).
+
 Same-run baselines (docs/design.md section 8: every target is a ratio measured in one invocation):
 
 - ``torch_gpt2_small_heads_k2`` runs ``scripts/torch_ilql_step.py``, a PyTorch eager implementation of the same
@@ -61,6 +65,7 @@ from pathlib import Path
 LOADER_PRESET = "loader"
 ONLINE_PRESET = "online_overhead"
 DECODE_PRESET = "decode_gpt2_small"
+BEST_OF_PRESET = "best_of_gpt2_small"
 MESH_PRESET = "mesh_bytes_gpt2_small"
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4))
 UPDATE_PRESET = "gpt2_small_heads_k2"  # the shape of the speed and memory targets (docs/design.md section 8)
@@ -115,6 +120,9 @@ PRESETS: dict[str, dict] = {
     ONLINE_PRESET: dict(config="configs/demo.yaml", overrides=[], batch=16, seq_len=128),
     # batch 8, a 64-token prompt, 128 new tokens (docs/design.md section 8 compares HF generate at batch 8)
     DECODE_PRESET: dict(config="configs/models/gpt2_small.yaml", overrides=[], batch=8, seq_len=64),
+    # Best-of-8 turns for 4 episodes at the utterance policy's shape (a 384-token history, 16-token turns): one
+    # prefill per episode copied to its candidates, against 8 prefills of the same history (same samples)
+    BEST_OF_PRESET: dict(config="configs/models/gpt2_small.yaml", overrides=[], batch=4, seq_len=384),
     # Hugging Face generate (greedy, KV cache) on the decode preset's weights, same batch, prompt and new tokens
     HF_GENERATE_PRESET: dict(runner="hf_generate", baseline_of=DECODE_PRESET),
     # per-device state bytes on 8 (forced host) devices for each mesh; abstract: nothing is allocated
@@ -253,6 +261,22 @@ def run_decode(args: argparse.Namespace) -> dict:
             **{f"{name}_{k}": round(v, 3) for name, line in lines.items() for k, v in line.items()
                if k in ("new_tokens_per_s", "step_ms", "prefill_ms", "token_ms", "compile_s")},
             "batch": p["batch"], "prompt_len": p["seq_len"], "new_tokens": 128,
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
+
+
+def run_best_of(args: argparse.Namespace) -> dict:
+    import jax
+
+    import jaxrl_lm
+    from jaxrl_lm.generate import best_of_throughput
+
+    p = PRESETS[BEST_OF_PRESET]
+    cfg = jaxrl_lm.load_config(p["config"], p["overrides"] + args.override)
+    params = jaxrl_lm.models.split_model(jaxrl_lm.models.build(cfg.model))[1]
+    line = best_of_throughput(cfg.model, params, batch=p["batch"], prompt_len=p["seq_len"], new_tokens=16,
+                              best_of=8, kind="utterance", repeats=3)
+    return {"config": BEST_OF_PRESET, "device": jax.devices()[0].device_kind,
+            **{k: round(v, 3) if isinstance(v, float) else v for k, v in line.items()},
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
 
 
@@ -543,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
             export_for_baseline(args.preset, args, args.export_to)
             return
         special = {LOADER_PRESET: run_loader, DECODE_PRESET: run_decode, MESH_PRESET: run_mesh_bytes,
-                   ONLINE_PRESET: run_online}
+                   ONLINE_PRESET: run_online, BEST_OF_PRESET: run_best_of}
         runner = {"torch": run_torch, "hf_generate": run_hf_generate}.get(PRESETS[args.preset].get("runner"))
         if runner is not None:
             run = lambda a: runner(args.preset, a)  # noqa: E731

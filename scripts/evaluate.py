@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
     parser.add_argument("--best-of", type=int, default=None,
                         help="candidate turns per step, highest Q wins; default 1 (utterance: eval.candidates)")
+    parser.add_argument("--greedy-candidate", action=argparse.BooleanOptionalAction, default=None,
+                        help="one of the best-of candidates is the greedy turn; default: eval.greedy_candidate "
+                             "for the utterance policy")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="token budget of one action turn; default: eval.max_new_tokens")
     parser.add_argument("--max-turns", type=int, default=None,
@@ -127,6 +130,7 @@ def evaluate(args: argparse.Namespace, cfg, models: list, step: int) -> None:
         for decoding, temperature in decoding_runs(args, cfg, kind):
             policy = load_policy(model, kind, cfg=cfg, beta=args.beta, temperature=temperature,
                                  top_k=args.top_k, top_p=args.top_p, best_of=args.best_of,
+                                 greedy_candidate=args.greedy_candidate,
                                  max_new_tokens=args.max_new_tokens, seed=args.seed,
                                  max_turns=args.max_turns or envs.get_task(args.task).context_turns)
             result = evaluate_policy(policy, args.task, episodes=args.episodes, task_stats=stats,

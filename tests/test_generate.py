@@ -4,6 +4,7 @@ greedy decoding, stop tokens, allowed-token masks, best-of-N selection and compi
 import functools
 from types import SimpleNamespace
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ from flax import nnx
 
 from jaxrl_lm.config import ModelConfig
 from jaxrl_lm.generate import (
-    Decoded, DecodeSpec, Sampling, _best_of, advance, bucket, decode, prefill, prompt_layout,
+    Decoded, DecodeSpec, Sampling, _best_of, advance, best_of_throughput, bucket, decode, prefill, prompt_layout,
 )
 from jaxrl_lm.models import build
 from jaxrl_lm.rl.policy_extraction import policy_scores, sample_tokens, top_k_mask, top_p_mask
@@ -239,3 +240,77 @@ def test_best_of_keeps_the_highest_final_q_among_finished_candidates():
     np.testing.assert_array_equal(best.score, [2.0, 0.5])
     none_finished = _best_of(d._replace(stopped=jnp.zeros(6, bool)), 3)
     np.testing.assert_array_equal(none_finished.lengths, [2, 5])
+
+
+def test_greedy_candidate_is_among_the_best_of_n_turns():
+    """With ``greedy_candidate`` each episode's first candidate is the greedy turn, so the chosen turn scores at
+    least as high as the greedy one; without it the sampled candidates do fall below the greedy turn here (the
+    check can fail)."""
+    fns = model_fns("gpt2")
+    stop = np.array([EOT], np.int32)
+    allowed = np.zeros(PADDED, bool)
+    allowed[[EOT, *range(10, 30)]] = True
+    prompt, lengths = left_padded(random_prompts([3, 5, 2, 6, 4, 1, 7, 3], seed=2), 8)
+
+    def run(temperature, greedy_candidate, seed=0):
+        spec = DecodeSpec(kind="utterance", max_new_tokens=6, best_of=4, greedy_candidate=greedy_candidate)
+        return jax.device_get(decode(fns.graphdef, fns.params, prompt, lengths, jax.random.key(seed),
+                                     Sampling.make(temperature=temperature), stop, jnp.int32(PAD), allowed,
+                                     spec=spec))
+
+    greedy = run(0.0, False)  # four greedy candidates: the greedy turn and its final-token score
+    one = jax.device_get(decode(fns.graphdef, fns.params, prompt, lengths, jax.random.key(0), Sampling.make(temperature=0.0),
+                                stop, jnp.int32(PAD), allowed, spec=DecodeSpec(kind="bc", max_new_tokens=6)))
+    np.testing.assert_array_equal(greedy.tokens, one.tokens)  # the bc greedy decoding's turns
+    worse = 0
+    for seed in range(3):
+        mixed, sampled = run(3.0, True, seed), run(3.0, False, seed)
+        for b in range(len(lengths)):
+            if greedy.stopped[b]:
+                assert mixed.stopped[b] and mixed.score[b] >= greedy.score[b], (seed, b, mixed, greedy)
+                if mixed.score[b] == greedy.score[b]:
+                    np.testing.assert_array_equal(mixed.tokens[b], greedy.tokens[b])
+                worse += bool(sampled.stopped[b]) and sampled.score[b] < greedy.score[b]
+    assert worse > 0
+    with pytest.raises(ValueError, match="best_of >= 2"):
+        DecodeSpec(kind="utterance", best_of=1, greedy_candidate=True)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_best_of_shares_one_prefill_and_equals_n_separate_rows(family):
+    """Best-of-N prefills each prompt once and copies its cache to the N candidates; the result must be that of
+    decoding the N copies of every prompt as separate rows (same keys, same draws) and keeping the best."""
+    fns, n = model_fns(family), 3
+    stop = np.array([EOT], np.int32)
+    allowed = np.zeros((5, PADDED), bool)  # a per-row mask, repeated with the rows
+    allowed[:, [EOT, *range(10, 40)]] = True
+    allowed[1, 10:30] = False
+    prompt, lengths = left_padded(random_prompts([3, 7, 1, 5], seed=4) + [np.zeros(0, np.int32)], 8)
+    sampling = Sampling.make(beta=2.0, temperature=1.0)
+
+    def run(prompt, lengths, allowed, best_of, shared_prefill=True):
+        spec = DecodeSpec(kind="ilql", max_new_tokens=6, best_of=best_of, shared_prefill=shared_prefill)
+        return jax.device_get(decode(fns.graphdef, fns.params, prompt, lengths, jax.random.key(7), sampling, stop,
+                                     jnp.int32(PAD), allowed, spec=spec))
+
+    shared = run(prompt, lengths, allowed, n)
+    rows = run(np.repeat(prompt, n, 0), np.repeat(lengths, n, 0), np.repeat(allowed, n, 0), 1)
+    chex.assert_shape(shared.tokens, (5, 6))
+    for separate in (jax.device_get(_best_of(jax.tree.map(jnp.asarray, rows), n)),
+                     run(prompt, lengths, allowed, n, shared_prefill=False)):
+        np.testing.assert_array_equal(shared.tokens, separate.tokens)
+        np.testing.assert_array_equal(shared.lengths, separate.lengths)
+        np.testing.assert_array_equal(shared.stopped, separate.stopped)
+        np.testing.assert_allclose(shared.score, separate.score, rtol=1e-5, atol=1e-5)
+    assert len({tuple(r) for r in rows.tokens[:n * 4]}) > 4  # the candidates differ: the choice is exercised
+
+
+def test_best_of_throughput_times_both_prefills():
+    fns = model_fns("gpt2")
+    line = best_of_throughput(fns.cfg, fns.params, batch=2, prompt_len=16, new_tokens=4, best_of=3, kind="ilql",
+                              repeats=1)
+    assert line["shared_s"] > 0 and line["separate_s"] > 0
+    assert line["speedup"] == pytest.approx(line["separate_s"] / line["shared_s"])
+    assert line["shared_prefill_ms"] > 0 and line["separate_prefill_ms"] > 0
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
+        best_of_throughput(fns.cfg, fns.params, prompt_len=30, new_tokens=4)

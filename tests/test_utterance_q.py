@@ -1,6 +1,8 @@
 """The utterance-level critic (jaxrl_lm/rl/utterance_q.py): its loss against a NumPy loop written from the module
 docstring, the shared-history candidate layout against N separate copies, cached sampling against one forward."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,8 +13,10 @@ from flax import nnx
 import jaxrl_lm
 from jaxrl_lm.batch import trunk_inputs
 from jaxrl_lm.config import RLConfig
+from jaxrl_lm.eval import _policy_label
 from jaxrl_lm.experiments.run import batches
 from jaxrl_lm.generate import DecodeSpec, Sampling, decode
+from jaxrl_lm.model_policy import describe
 from jaxrl_lm.rl import ModelView, TrunkFeed, UtteranceQConfig
 from jaxrl_lm.rl.utterance import turn_slots, turn_transitions
 from jaxrl_lm.rl.utterance_q import (
@@ -322,6 +326,18 @@ def test_utterance_policy_samples_the_lm_and_keeps_the_best_final_q():
         jaxrl_lm.load_policy(params, "utterance", cfg=cfg, best_of=1)
     with pytest.raises(ValueError, match="temperature > 0"):
         jaxrl_lm.load_policy(params, "utterance", cfg=cfg, best_of=4, temperature=0.0)
+    # eval.greedy_candidate is the utterance policy's default; an explicit argument wins; other kinds ignore it
+    cfg = jaxrl_lm.load_config("configs/base.yaml", model__d_model=32, model__n_layers=1, model__n_heads=2,
+                               model__n_q_heads=2)  # the byte tokenizer's vocabulary
+    params = jaxrl_lm.split_model(jaxrl_lm.models.build(cfg.model, seed=0))[1]
+    greedy_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, greedy_candidate=True))
+    assert describe(jaxrl_lm.load_policy(params, "utterance", cfg=greedy_cfg))["greedy_candidate"]
+    assert not describe(jaxrl_lm.load_policy(params, "utterance", cfg=cfg))["greedy_candidate"]
+    assert not describe(jaxrl_lm.load_policy(params, "utterance", cfg=greedy_cfg,
+                                             greedy_candidate=False))["greedy_candidate"]
+    assert not describe(jaxrl_lm.load_policy(params, "bc", cfg=greedy_cfg))["greedy_candidate"]
+    label = _policy_label({"policy": describe(jaxrl_lm.load_policy(params, "utterance", cfg=greedy_cfg))})
+    assert label.endswith("best-of-4 +greedy"), label
 
 
 def test_bad_settings_name_their_key():
