@@ -276,6 +276,30 @@ def decode(graphdef: nnx.GraphDef, params: Params, prompt: jax.Array, prompt_len
     return _best_of(state.out, n) if n > 1 else state.out
 
 
+def _random_prompts(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, seed: int
+                    ) -> tuple[jax.Array, jax.Array]:
+    """The benchmarks' prompts: ``[batch, prompt_len]`` random ids, all of full length, checked to fit the model."""
+    if prompt_len + new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds model.max_seq_len "
+                         f"{cfg.max_seq_len}")
+    rng = np.random.default_rng(seed)
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
+    return prompt, jnp.full((batch,), prompt_len, jnp.int32)
+
+
+def _timed(fn, repeats: int) -> tuple[float, float]:
+    """``(first, best)``: seconds of a first call of ``fn`` (compile included) and the best of ``repeats`` more."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return first, best
+
+
 def decode_throughput(cfg: ModelConfig, params: Params, *, batch: int = 8,
                       prompt_len: int = 64, new_tokens: int = 128, kind: str = "bc", repeats: int = 3,
                       seed: int = 0, temperature: float = 1.0) -> dict[str, float]:
@@ -288,31 +312,15 @@ def decode_throughput(cfg: ModelConfig, params: Params, *, batch: int = 8,
     ``prefill``) and ``token_ms`` (``(decode_s - prefill) / new_tokens``: one decoding step, its head and sampling
     included), with the shape, policy kind and temperature.
     """
-    if prompt_len + new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds model.max_seq_len "
-                         f"{cfg.max_seq_len}")
-    rng = np.random.default_rng(seed)
-    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
-    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    prompt, lengths = _random_prompts(cfg, batch, prompt_len, new_tokens, seed)
     graphdef = model_graphdef(cfg)
     args = (graphdef, params, prompt, lengths, jax.random.key(seed),
             Sampling.make(temperature=temperature), jnp.array([-1], jnp.int32), jnp.int32(0))
     spec = DecodeSpec(kind=kind, max_new_tokens=new_tokens)
 
-    def best_of(fn) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        first = time.perf_counter() - t0
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            best = min(best, time.perf_counter() - t0)
-        return first, best
-
-    compile_s, decode_s = best_of(lambda: decode(*args, spec=spec))
+    compile_s, decode_s = _timed(lambda: decode(*args, spec=spec), repeats)
     prefill_only = jax.jit(lambda p: prefill(nnx.merge(graphdef, p), prompt, lengths, new_tokens))
-    _, prefill_s = best_of(lambda: prefill_only(params))
+    _, prefill_s = _timed(lambda: prefill_only(params), repeats)
     return {"kind": kind, "temperature": temperature, "batch": batch, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "compile_s": compile_s, "decode_s": decode_s,
             "new_tokens_per_s": batch * new_tokens / decode_s, "step_ms": 1e3 * decode_s / new_tokens,
@@ -330,31 +338,18 @@ def best_of_throughput(cfg: ModelConfig, params: Params, *, batch: int = 4, prom
     ``separate_s`` (best of ``repeats`` timed calls each, after a compiling one), ``speedup`` (their ratio) and
     ``shared_prefill_ms`` / ``separate_prefill_ms`` (the prefill of ``batch`` and of ``batch * N`` rows alone).
     """
-    if prompt_len + new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds model.max_seq_len "
-                         f"{cfg.max_seq_len}")
-    rng = np.random.default_rng(seed)
-    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
-    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    prompt, lengths = _random_prompts(cfg, batch, prompt_len, new_tokens, seed)
     rows, row_lengths = jnp.repeat(prompt, best_of, axis=0), jnp.repeat(lengths, best_of, axis=0)
     graphdef = model_graphdef(cfg)
     tail = (jax.random.key(seed), Sampling.make(temperature=1.0), jnp.array([-1], jnp.int32), jnp.int32(0))
     shared_spec = DecodeSpec(kind=kind, max_new_tokens=new_tokens, best_of=best_of)
     separate_spec = DecodeSpec(kind=kind, max_new_tokens=new_tokens, best_of=best_of, shared_prefill=False)
 
-    def timed(fn) -> float:
-        jax.block_until_ready(fn())
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    shared_s = timed(lambda: decode(graphdef, params, prompt, lengths, *tail, spec=shared_spec))
-    separate_s = timed(lambda: decode(graphdef, params, prompt, lengths, *tail, spec=separate_spec))
+    _, shared_s = _timed(lambda: decode(graphdef, params, prompt, lengths, *tail, spec=shared_spec), repeats)
+    _, separate_s = _timed(lambda: decode(graphdef, params, prompt, lengths, *tail, spec=separate_spec), repeats)
     prefill_only = jax.jit(lambda p, x, n: prefill(nnx.merge(graphdef, p), x, n, new_tokens))
+    _, shared_prefill_s = _timed(lambda: prefill_only(params, prompt, lengths), repeats)
+    _, separate_prefill_s = _timed(lambda: prefill_only(params, rows, row_lengths), repeats)
     return {"kind": kind, "batch": batch, "best_of": best_of, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "shared_s": shared_s, "separate_s": separate_s, "speedup": separate_s / shared_s,
-            "shared_prefill_ms": 1e3 * timed(lambda: prefill_only(params, prompt, lengths)),
-            "separate_prefill_ms": 1e3 * timed(lambda: prefill_only(params, rows, row_lengths))}
+            "shared_prefill_ms": 1e3 * shared_prefill_s, "separate_prefill_ms": 1e3 * separate_prefill_s}
