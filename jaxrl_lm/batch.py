@@ -13,6 +13,12 @@ field            dtype    meaning
 ``turn_ids``     int32    index of the turn the token belongs to, within its episode
 ===============  =======  ==================================================================================
 
+Optional fields, present only when their producer adds them:
+
+- ``imitate`` (int32 ``[B, L]``, ``IMITATE``): 1 on the tokens of episodes the BC term may clone, 0 elsewhere;
+  absent = every episode. The online loader adds it with ``online.imitate: offline`` (1 on its offline share).
+- ``features`` (float32 ``[B, L, D]``): the frozen trunk bottom's cached output (``jaxrl_lm.train.features``).
+
 Positions restart at 0 at the start of every segment (see ``segment_positions``). With ``model.context:
 observation`` the trunk reads narrower windows (see ``trunk_inputs``); the Bellman backup still follows the
 episode's segment.
@@ -35,15 +41,20 @@ BATCH_FIELDS: dict[str, np.dtype] = {
     "turn_ids": np.dtype(np.int32),
 }
 
+IMITATE = "imitate"  # the optional per-token field above
+OPTIONAL_FIELDS: dict[str, np.dtype] = {IMITATE: np.dtype(np.int32)}
+
 
 def check_batch(batch: Mapping[str, object]) -> tuple[int, int]:
-    """Checks field names, dtypes and shapes; returns ``(B, L)``. Raises ValueError naming the field."""
+    """Checks field names, dtypes and shapes (the optional ``[B, L]`` fields too, when present); returns
+    ``(B, L)``. Raises ValueError naming the field."""
     missing = sorted(set(BATCH_FIELDS) - set(batch))
-    extra = sorted(set(batch) - set(BATCH_FIELDS))
+    extra = sorted(set(batch) - set(BATCH_FIELDS) - set(OPTIONAL_FIELDS))
     if missing or extra:
         raise ValueError(f"batch fields: missing {missing}, unexpected {extra}")
     shape = None
-    for name, dtype in BATCH_FIELDS.items():
+    fields = {**BATCH_FIELDS, **{k: dt for k, dt in OPTIONAL_FIELDS.items() if k in batch}}
+    for name, dtype in fields.items():
         arr = batch[name]
         if arr.dtype != dtype:  # type: ignore[attr-defined]
             raise ValueError(f"batch[{name!r}] has dtype {arr.dtype}, expected {dtype}")  # type: ignore[attr-defined]

@@ -275,6 +275,8 @@ class OnlineConfig:
     capacity: int = 4096  # replay slots (tokenized windows), oldest evicted first
     recency_half_life: float = 0.0  # 0 = sample the buffer uniformly; else the age (windows) where weight halves
     offline_fraction: float = 0.0  # share of each batch's episodes drawn from data.path's offline dataset
+    imitate: Literal["all", "offline"] = "all"  # which episodes token_q's BC term clones: all, or only the offline
+    # share (the batch's ``imitate`` field; docs/design.md section 10)
     policy: str = "ilql"  # collection policy (POLICY_KINDS)
     beta: float = 4.0  # ilql advantage weight
     temperature: float = 1.0  # collection sampling temperature (0 = greedy)
@@ -786,6 +788,15 @@ def validate_online(cfg: Config) -> None:
                           "online.temperature > 0")
     if o.enabled and not (o.task or eval_task(cfg)):
         raise ConfigError("online.enabled: name the task to play (online.task, eval.task or data.path task:NAME)")
+    if o.imitate not in ("all", "offline"):
+        raise ConfigError(f"online.imitate must be 'all' or 'offline', got {o.imitate!r}")
+    if o.enabled and o.imitate == "offline":
+        if o.offline_fraction <= 0:
+            raise ConfigError("online.imitate: offline clones only the offline share of each batch: set "
+                              "online.offline_fraction > 0")
+        if cfg.rl.objective != "token_q":
+            raise ConfigError(f"online.imitate: offline marks the tokens token_q's BC term may clone; rl.objective "
+                              f"{cfg.rl.objective!r} would ignore the mark: use token_q or online.imitate: all")
     if o.enabled and o.offline_fraction > 0 and not cfg.data.path:
         raise ConfigError(f"online.offline_fraction {o.offline_fraction} mixes in data.path's episodes: set "
                           f"data.path (or online.offline_fraction: 0)")

@@ -144,6 +144,7 @@ def ref_objective(
 ) -> dict:
     """Losses, metrics and analytic gradients of docs/design.md section 2.
 
+    With the batch's optional ``imitate`` field, the BC term counts only the decisions it marks.
     Decisions beyond a row's ``capacity`` are not scored (but still counted in N, the denominator, and in
     ``decisions_dropped``); capacity None scores every decision.
     Gradients returned: ``grad_q [K, B, L, V]``, ``grad_value [B, L]``, ``grad_lm [B, L, V]`` of the total loss L.
@@ -223,10 +224,11 @@ def ref_objective(
                 w = 1.0
             else:
                 w = min(math.exp(rl.awr_beta * (min_qbar_taken - value[b, i])), rl.awr_max_weight)
-            sums["bc"] += w * (_logsumexp(lm[b, i]) - lm[b, i, a])
+            imitated = 1.0 if "imitate" not in batch else float(batch["imitate"][b, i])
+            sums["bc"] += imitated * w * (_logsumexp(lm[b, i]) - lm[b, i, a])
             g = _softmax(lm[b, i])
             g[a] -= 1.0
-            grad_lm[b, i] += rl.lambda_bc * w * g / N
+            grad_lm[b, i] += rl.lambda_bc * imitated * w * g / N
             metric_sums["awr"] += w
             awr_weights[b, i] = w
 

@@ -678,3 +678,25 @@ def test_hand_cql_bc_awr_expectile():
     loss, m, grads = run_objective(rl, empty, single_tables(), vocab=3)
     assert float(loss) == 0.0 and m["decisions"] == 0.0 and np.isfinite(list(m.values())).all()
     assert all(np.isfinite(g).all() and not g.any() for g in grads.values())
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_imitate_mark_keeps_bc_to_the_marked_episodes(seed):
+    """The batch's optional ``imitate`` field (the online loader's offline share): BC counts only the marked
+    decisions, every other term and the denominator are unchanged; all ones is the unmarked loss."""
+    rl = CONFIGS["expectile-utterance-awr-clip"]
+    batch = random_batch(seed)
+    B, L = batch["tokens"].shape
+    tabs = random_tables(seed, 2, B * L, VOCAB, PADDED_VOCAB)
+    rng = np.random.default_rng(seed)
+    episode_mark = rng.integers(0, 2, size=(B, int(batch["segment_ids"].max()) + 1))  # one mark per episode
+    marked = dict(batch, imitate=np.take_along_axis(episode_mark, batch["segment_ids"], 1).astype(np.int32))
+    loss, metrics, grads = run_objective(rl, marked, tabs, vocab=VOCAB)
+    ref = run_reference(rl, marked, tabs, vocab=VOCAB)
+    assert_matches_reference(rl, loss, metrics, grads, ref, vocab=VOCAB, batch_shape=(B, L))
+    plain = run_reference(rl, batch, tabs, vocab=VOCAB)
+    assert 0 < ref["bc_loss"] < plain["bc_loss"]  # the mark removed some BC terms, not all
+    for key in ("q_loss", "v_loss", "cql_loss", "decisions"):
+        np.testing.assert_allclose(ref[key], plain[key], err_msg=key)
+    ones = run_objective(rl, dict(batch, imitate=np.ones((B, L), np.int32)), tabs, vocab=VOCAB)
+    np.testing.assert_allclose(float(ones[0]), plain["loss"], **TOL)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxrl_lm import envs
+from jaxrl_lm.batch import check_batch
 from jaxrl_lm.config import ConfigError, load_config
 from jaxrl_lm.data import load_source, load_tokenizer
 from jaxrl_lm.data.convert import TOKEN_FIELDS
@@ -93,6 +94,34 @@ def test_offline_fraction_mixes_offline_episodes_in():
     assert loader.drawn["offline"] / sum(loader.drawn.values()) == pytest.approx(share, abs=0.002)
     with pytest.raises(ValueError, match="offline episodes"):
         ReplayLoader(buffer, rows=4, pack=False, seed=1, offline_fraction=0.5)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_imitate_offline_marks_the_offline_episodes_tokens(pack):
+    """``imitate="offline"``: every batch carries ``imitate``, 1 on exactly the offline episodes' tokens (markers
+    >= 100) and 0 on collected ones and padding; the batches are otherwise those of the unmarked loader."""
+    buffer = filled(8, [3, 5, 2, 4, 6, 3, 2, 5])
+    offline = [window(100 + i, 3 + i % 4) for i in range(10)]
+    marked = ReplayLoader(buffer, rows=3, pack=pack, seed=4, offline=offline, offline_fraction=0.4,
+                          imitate="offline")
+    plain = ReplayLoader(buffer, rows=3, pack=pack, seed=4, offline=offline, offline_fraction=0.4)
+    seen = set()
+    for _ in range(30):
+        batch, reference = next(marked), next(plain)
+        assert set(batch) == set(reference) | {"imitate"}
+        for k in reference:
+            np.testing.assert_array_equal(batch[k], reference[k])
+        check_batch(batch)  # an optional field of the batch contract
+        expected = ((batch["tokens"] >= 100) & (batch["segment_ids"] > 0)).astype(np.int32)
+        np.testing.assert_array_equal(batch["imitate"], expected)
+        seen |= set(np.unique(batch["imitate"][batch["segment_ids"] > 0]).tolist())
+    assert seen == {0, 1}  # both sources drawn
+    with pytest.raises(ValueError, match="imitate"):
+        ReplayLoader(buffer, rows=3, pack=pack, seed=4, imitate="collected")
+    with pytest.raises(ValueError, match="imitate.*dtype"):
+        check_batch({**batch, "imitate": batch["imitate"].astype(np.float32)})
+    with pytest.raises(ValueError, match="unexpected"):
+        check_batch({**batch, "source": batch["imitate"]})
 
 
 def test_empty_buffer_without_offline_data_is_an_error():
@@ -225,6 +254,12 @@ def test_online_settings_are_checked():
         tiny_cfg(online__offline_fraction=1.5)
     with pytest.raises(ConfigError, match="best_of >= 2"):
         tiny_cfg(online__policy="utterance")
+    with pytest.raises(ConfigError, match="online.offline_fraction > 0"):
+        tiny_cfg(online__imitate="offline")
+    with pytest.raises(ConfigError, match="would ignore the mark"):
+        tiny_cfg(online__imitate="offline", online__offline_fraction=0.5, rl__objective="utterance_q")
+    with pytest.raises(ConfigError, match="online.imitate"):
+        tiny_cfg(online__imitate="replay")
     with pytest.raises(ConfigError, match="stacked seeds"):
         run_lib.run(tiny_cfg(), seeds=[0, 1], progress=False)
 
@@ -268,6 +303,21 @@ def test_an_online_run_resumes_exactly(tmp_path, compile_once, overlap):
     assert len(a.loader_state["pending"]) == (3 if overlap else 0)
     assert online_lines(tmp_path / "a") == online_lines(tmp_path / "b")
     assert len(online_lines(tmp_path / "a")) == (3 if overlap else 4)
+
+
+def test_imitate_offline_trains_bc_on_the_offline_share_only(tmp_path, compile_once):
+    """Through the run's entry point: with ``online.imitate: offline`` the BC loss of each step is that of the
+    offline share (a fraction of the unmarked run's, same first batch), and Q / V still learn from every episode."""
+    kw = dict(online__overlap=False, online__offline_fraction=0.5, train__steps=2, train__log_every=1)
+    run_lib.run(tiny_cfg(tmp_path / "all", **kw), progress=False)
+    run_lib.run(tiny_cfg(tmp_path / "offline", online__imitate="offline", **kw), progress=False)
+    first = {}
+    for name in ("all", "offline"):
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        first[name] = next(x for x in lines if x.get("step") == 1)
+    assert 0 < first["offline"]["bc_loss"] < first["all"]["bc_loss"]
+    assert first["offline"]["q_loss"] == pytest.approx(first["all"]["q_loss"], rel=1e-6)
+    assert first["offline"]["decisions"] == first["all"]["decisions"]
 
 
 def test_an_online_run_refuses_an_offline_checkpoint(tmp_path, compile_once):

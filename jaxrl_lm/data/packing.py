@@ -81,8 +81,9 @@ def fill_batch(batch: Mapping[str, np.ndarray], rows: int, pad_id: int) -> dict[
 
 
 def episodes_to_batch(episodes: Sequence[Mapping[str, np.ndarray]], seq_len: int, *, pack: bool = True,
-                      pad_id: int = 0) -> dict[str, np.ndarray]:
-    """All ``episodes`` (``TOKEN_FIELDS`` dicts, in order) in one batch: ``BATCH_FIELDS`` ``[R, seq_len]``.
+                      pad_id: int = 0, extra: Mapping[str, np.dtype] | None = None) -> dict[str, np.ndarray]:
+    """All ``episodes`` (``TOKEN_FIELDS`` dicts, in order) in one batch: ``BATCH_FIELDS`` ``[R, seq_len]``, and the
+    ``extra`` per-token fields every episode carries (laid out like its tokens, 0 on padding).
 
     Packed, ``R`` is the number of first-fit rows needed; unpacked, ``R = len(episodes)``.
     """
@@ -91,10 +92,12 @@ def episodes_to_batch(episodes: Sequence[Mapping[str, np.ndarray]], seq_len: int
     for i, ep in enumerate(episodes):
         if ep["tokens"].shape[0] > seq_len:
             raise ValueError(f"episodes[{i}] has {ep['tokens'].shape[0]} tokens, more than seq_len={seq_len}")
-    ds = grain.MapDataset.source([select_fields(e) for e in episodes]).to_iter_dataset(
+    extra = dict(extra or {})
+    records = [{**select_fields(e), **{k: np.asarray(e[k], dtype=dt) for k, dt in extra.items()}} for e in episodes]
+    ds = grain.MapDataset.source(records).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))  # in memory: reader threads would only wait
-    rows = list(rows_dataset(ds, seq_len=seq_len, rows=len(episodes), pad_id=pad_id, pack=pack))
-    return {k: np.stack([r[k] for r in rows]) for k in BATCH_FIELDS}
+    rows = list(rows_dataset(ds, seq_len=seq_len, rows=len(episodes), pad_id=pad_id, pack=pack, extra=extra))
+    return {k: np.stack([r[k] for r in rows]) for k in {**BATCH_FIELDS, **extra}}
 
 
 def packing_efficiency(batch: Mapping[str, np.ndarray]) -> float:

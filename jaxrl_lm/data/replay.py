@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from jaxrl_lm.batch import BATCH_FIELDS
+from jaxrl_lm.batch import BATCH_FIELDS, IMITATE, OPTIONAL_FIELDS
 from jaxrl_lm.data.convert import TOKEN_FIELDS
 from jaxrl_lm.data.packing import episodes_to_batch, fill_batch, pad_row, select_fields
 
@@ -110,21 +110,27 @@ class ReplayLoader:
       offline: random-access ``TOKEN_FIELDS`` records (``data.load_source``), or None.
       offline_fraction: probability that a drawn episode is an offline one (needs ``offline``).
       recency_half_life: 0 = uniform over the buffer; else the age (in windows) at which the weight halves.
+      imitate: ``"all"``, or ``"offline"``: every batch also carries ``imitate`` ``[rows, seq_len]`` int32
+        (``jaxrl_lm.batch``), 1 on the tokens of offline episodes and 0 on collected ones, so that the BC term
+        clones the offline data's behaviour only.
     """
 
     def __init__(self, buffer: ReplayBuffer, *, rows: int, pack: bool, seed: int,
                  offline: Optional[Sequence[Mapping[str, np.ndarray]]] = None, offline_fraction: float = 0.0,
-                 recency_half_life: float = 0.0, summary: Optional[dict[str, Any]] = None):
+                 recency_half_life: float = 0.0, imitate: str = "all", summary: Optional[dict[str, Any]] = None):
         if not 0.0 <= offline_fraction <= 1.0:
             raise ValueError(f"offline_fraction must lie in [0, 1], got {offline_fraction}")
         if offline_fraction > 0 and not offline:
             raise ValueError("offline_fraction > 0 needs offline episodes to mix in")
+        if imitate not in ("all", "offline"):
+            raise ValueError(f"imitate must be 'all' or 'offline', got {imitate!r}")
         if recency_half_life < 0:
             raise ValueError(f"recency_half_life must be >= 0 (0 = uniform), got {recency_half_life}")
         self.buffer, self.rows, self.pack = buffer, int(rows), bool(pack)
         self.offline = offline
         self.offline_fraction = float(offline_fraction)
         self.recency_half_life = float(recency_half_life)
+        self.extra = {IMITATE: OPTIONAL_FIELDS[IMITATE]} if imitate == "offline" else {}
         self.rng = np.random.default_rng(seed)
         self.carry: Optional[tuple[int, int]] = None  # (source, index) of the episode that opens the next batch
         self.batches = 0
@@ -150,7 +156,10 @@ class ReplayLoader:
 
     def _episode(self, drawn: tuple[int, int]) -> dict[str, np.ndarray]:
         source, index = drawn
-        return select_fields(self.offline[index]) if source == OFFLINE else self.buffer.window(index)
+        episode = select_fields(self.offline[index]) if source == OFFLINE else self.buffer.window(index)
+        if self.extra:  # the source mark: 1 on an offline episode's tokens, 0 on a collected one's
+            episode[IMITATE] = np.full(episode["tokens"].shape, int(source == OFFLINE), np.int32)
+        return episode
 
     def __next__(self) -> dict[str, np.ndarray]:
         seq_len, chosen = self.buffer.seq_len, []
@@ -177,9 +186,9 @@ class ReplayLoader:
         self.batches += 1
         episodes = [self._episode(d) for d in chosen]
         if not self.pack:
-            rows = [pad_row(e, seq_len, self.buffer.pad_id) for e in episodes]
-            return {k: np.stack([r[k] for r in rows]) for k in BATCH_FIELDS}
-        batch = episodes_to_batch(episodes, seq_len, pack=True, pad_id=self.buffer.pad_id)
+            rows = [pad_row(e, seq_len, self.buffer.pad_id, self.extra) for e in episodes]
+            return {k: np.stack([r[k] for r in rows]) for k in {**BATCH_FIELDS, **self.extra}}
+        batch = episodes_to_batch(episodes, seq_len, pack=True, pad_id=self.buffer.pad_id, extra=self.extra)
         if batch["tokens"].shape[0] > self.rows:  # same first-fit rule as above: a mismatch is a bug, not data
             raise AssertionError(f"first-fit packed {len(chosen)} episodes into {batch['tokens'].shape[0]} rows, "
                                  f"more than the {self.rows} it was drawn for")

@@ -132,7 +132,8 @@ class OnlineData:
         sampler_seed = int(np.random.default_rng([o.seed, cfg.train.seed, jax.process_index(), 0])
                            .integers(SEED_RANGE))
         self.loader = ReplayLoader(buffer, rows=rows, pack=cfg.data.pack, seed=sampler_seed, offline=offline,
-                                   offline_fraction=o.offline_fraction, recency_half_life=o.recency_half_life)
+                                   offline_fraction=o.offline_fraction, recency_half_life=o.recency_half_life,
+                                   imitate=o.imitate)
         self.summary = {"online": True, "task": self.task, "offline": summary}
         self.rounds = 0  # rounds started
         self.episodes = 0  # episodes in the buffer (or evicted from it)

@@ -22,6 +22,7 @@ from typing import Callable, Literal, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxrl_lm.batch import IMITATE
 from jaxrl_lm.config import ConfigError, ModelConfig, RLConfig
 from jaxrl_lm.rl import losses
 from jaxrl_lm.rl.objective import HeadFlops, ModelView, Objective, ParamGroup, register
@@ -124,7 +125,8 @@ def bellman_objective(
     Args:
       q_cfg: the loss's settings (the ``token_q`` section).
       rl: the shared settings (discount, time step, decision slots).
-      batch: the ``[B, L]`` fields of ``jaxrl_lm.batch``.
+      batch: the ``[B, L]`` fields of ``jaxrl_lm.batch``; with the optional ``imitate`` field, the BC term counts
+        only the decisions it marks (its sum is still divided by ``denominator``).
       hidden: ``[B, L, D] float32`` online trunk states h_i.
       target_hidden: ``[B, L, D] float32`` states the target heads read (the online ones for
         ``target_scope: heads``, the target trunk's for ``full``); gradients never flow into them.
@@ -188,7 +190,10 @@ def bellman_objective(
          if q_cfg.backup == "expectile" else jnp.float32(0.0))
     if q_cfg.lambda_bc > 0:
         awr = losses.awr_weights(target_q_taken, value, q_cfg.awr_beta, q_cfg.awr_max_weight)
-        bc = losses.bc_loss(heads.lm_logsumexp(h), heads.lm_at(h, action), awr, weight, denominator)
+        # The optional ``imitate`` field keeps BC to the episodes it marks (online: the offline share); the
+        # denominator stays every decision's, as for the other terms.
+        bc_weight = weight * gather_rows(batch[IMITATE], slots) if IMITATE in batch else weight
+        bc = losses.bc_loss(heads.lm_logsumexp(h), heads.lm_at(h, action), awr, bc_weight, denominator)
         metrics["awr_weight_mean"] = losses.weighted_mean(awr, weight, n_used)
     else:
         bc = jnp.float32(0.0)
