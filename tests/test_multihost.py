@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import jax
+import orbax.checkpoint as ocp
 import numpy as np
 import pytest
 
 from jaxrl_lm import distributed
+from jaxrl_lm.checkpoints import reader
 from jaxrl_lm.config import ConfigError
 from jaxrl_lm.train import checkpoint, sharding
 from multihost_worker import flat_params, make_cfg, train_steps
@@ -115,21 +117,44 @@ def test_a_coordinator_without_a_launcher_needs_the_process_layout():
 
 
 @pytest.mark.slow
-def test_checkpoint_of_a_two_process_run_restores_in_one_process(tmp_path):
-    """scripts/train.py as two processes (2 devices each) writes a checkpoint that one process restores."""
+def test_an_online_run_of_two_processes_checkpoints_each_buffer_and_resumes(tmp_path):
+    """scripts/train.py as two processes (2 devices each), online: each process plays into its own replay buffer.
+    The checkpoint holds both buffers (row p = process p's); one process restores the state and process 0's
+    position and buffer; the two processes resume from it, each reading its own row."""
     port = free_port()
     out = tmp_path / "run"
     common = ["--config", "configs/demo.yaml", "--no-progress", f"mesh.coordinator_address=127.0.0.1:{port}",
-              "mesh.num_processes=2", "train.steps=3", "train.log_every=3", "data.task_episodes=100",
-              "model.n_layers=1", f"train.out_dir={out}"]
-    run_two_processes([["scripts/train.py", *common, f"mesh.process_id={i}"] for i in range(2)], tmp_path, "train")
-
+              "mesh.num_processes=2", "train.log_every=1", "train.checkpoint_every=2", "data.task_episodes=100",
+              "model.n_layers=1", f"train.out_dir={out}", "online.enabled=true", "online.envs=2",
+              "online.updates_per_round=2", "online.max_new_tokens=6", "online.max_steps=4", "online.capacity=32",
+              "online.offline_fraction=0.25", "online.overlap=false", "eval.every=0"]
+    run_two_processes([["scripts/train.py", *common, "train.steps=2", f"mesh.process_id={i}"] for i in range(2)],
+                      tmp_path, "online")
     directory = out / "checkpoints"
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with reader(directory) as r:  # the raw item: one row per process
+        meta = r.item_metadata(2)["replay"].tree
+        target = {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device) for k, m in meta.items()}
+        rows = r.restore(2, args=ocp.args.Composite(replay=ocp.args.StandardRestore(target),
+                                                     data=ocp.args.JsonRestore()))
+    replay = {k: np.asarray(v) for k, v in rows.replay.items()}
+    states = rows.data[checkpoint.PER_PROCESS]
+    assert replay["lengths"].shape == (2, 32)
+    for p in range(2):  # each row holds as many windows as its process inserted
+        assert (replay["lengths"][p] > 0).sum() == min(states[p]["replay"]["inserted"], 32) > 0
+    assert not np.array_equal(replay["tokens"][0], replay["tokens"][1])  # two buffers, not one twice
     restored = checkpoint.restore(directory, device)  # the state's structure comes from the saved config
-    assert restored.step == 3 and int(restored.state.step) == 3
-    assert restored.loader_state  # the data position travels with the state
+    assert restored.step == 2 and int(restored.state.step) == 2
     for leaf in jax.tree.leaves(restored.state.params):
         assert leaf.sharding == device and np.all(np.isfinite(np.asarray(leaf)))
+    assert restored.loader_state["replay"] == states[0]["replay"]  # one process reads process 0's position ...
+    for k, v in restored.loader_arrays.items():  # ... and buffer
+        np.testing.assert_array_equal(v, replay[k][0])
+
+    port = free_port()
+    resumed = [a.replace(a.split("=", 1)[1], f"127.0.0.1:{port}") if a.startswith("mesh.coordinator") else a
+               for a in common]
+    run_two_processes([["scripts/train.py", *resumed, "train.steps=3", "--resume", f"mesh.process_id={i}"]
+                       for i in range(2)], tmp_path, "resumed")
     final = json.loads((out / "final_metrics.json").read_text())
-    assert final["step"] == 3 and final["skipped"] == 0
+    assert final["step"] == 3 and final["resumed_from"] == 2 and final["skipped"] == 0

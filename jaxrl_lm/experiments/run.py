@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from jaxrl_lm import config as config_lib
-from jaxrl_lm import data, envs
+from jaxrl_lm import data, distributed, envs
 from jaxrl_lm.config import DECODINGS, Config, load_config
 from jaxrl_lm.experiments.hooks import Curves, evaluation_hook
 from jaxrl_lm.experiments.online import OnlineData
@@ -56,6 +56,9 @@ def run(cfg: Config, *, seeds: Optional[Sequence[int]] = None, hooks: Sequence[H
     """``train`` with the config's data and evaluation hooks (module docstring), then ``hooks``; returns the
     final metrics (``final_metrics.json``). ``curves`` collects the evaluation's learning curves
     (``jaxrl_lm.experiments.hooks.evaluation_hook``)."""
+    # Before anything asks JAX about devices or processes (the checks below, the online collector's seeds):
+    # jax.distributed must start before the backend does. train() calls it again, a no-op by then.
+    distributed.initialize(cfg)
     if cfg.eval.every and jax.process_count() > 1:
         raise config_lib.ConfigError("eval.every: evaluation during training runs in a single process; set "
                                      "eval.every=0 and evaluate the checkpoints with scripts/evaluate.py")

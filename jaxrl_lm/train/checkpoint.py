@@ -121,8 +121,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, loader
     """Starts an asynchronous save of ``state`` as step ``step``; returns once the arrays are off the devices.
 
     ``loader_arrays`` (host arrays: an online run's replay buffer, ``BatchSource.get_arrays``) are saved as the
-    ``replay`` item beside the loader state. One process only: each process's buffer is its own, and Orbax
-    writes host arrays from the primary process alone.
+    ``replay`` item beside the loader state; with several processes, each process's buffer is its own row of
+    ``[processes, ...]`` arrays (``_replay_item``), written by that process.
 
     ``step`` is the host's count (``state.step`` may live on devices of other hosts). ``metrics`` (host
     floats) rank checkpoints when ``train.keep_best_metric`` is set, which must name one of them. The state may
@@ -135,10 +135,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, *, loader
     items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_every_process(loader_state)),
                  config=ocp.args.JsonSave(cfg.to_dict()))
     if loader_arrays is not None:
-        if jax.process_count() > 1:
-            raise NotImplementedError("checkpointing a replay buffer with several processes: each process's "
-                                      "buffer would need its own item; run online training in one process")
-        items["replay"] = ocp.args.StandardSave({k: np.asarray(v) for k, v in loader_arrays.items()})
+        items["replay"] = ocp.args.StandardSave(_replay_item(loader_arrays))
     try:
         manager.save(
             step,
@@ -176,6 +173,57 @@ def _this_process(saved: Any) -> Any:
         return saved  # one process's state, as single-process runs save it
     states = saved[PER_PROCESS]
     return dict(states[jax.process_index()] if jax.process_index() < len(states) else states[0])
+
+
+def _per_process_sharding() -> jax.sharding.NamedSharding:
+    """Row ``p`` of a ``[processes, ...]`` array on (every device of) process ``p``."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    mesh = jax.sharding.Mesh(np.asarray(devices).reshape(jax.process_count(), -1), ("process", "local"))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("process"))
+
+
+def _replay_item(loader_arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """What the ``replay`` item saves. One process: its host arrays. Several: every process's buffer is its own
+    (it plays its own episodes), so each field becomes a global ``[processes, *shape]`` array whose row ``p`` is
+    process ``p``'s, held by that process's devices: Orbax writes every row from the process that has it. (A
+    host array would be written by process 0 alone.)"""
+    arrays = {k: np.asarray(v) for k, v in loader_arrays.items()}
+    if jax.process_count() == 1:
+        return arrays
+    sharding = _per_process_sharding()
+    return {k: jax.make_array_from_process_local_data(sharding, v[None], (jax.process_count(), *v.shape))
+            for k, v in arrays.items()}
+
+
+def _replay_restore_args(r: ocp.CheckpointManager, step: int) -> ocp.args.StandardRestore:
+    """How to read a ``replay`` item: in one process, whole arrays (the ``[processes, ...]`` rows of a
+    multi-process run onto this process's first device: they name the saving devices); in several, each process's
+    own row (the item must come from as many processes: a buffer cannot be split or merged)."""
+    meta = r.item_metadata(step)["replay"].tree
+    saved_by = meta["lengths"].shape[0] if len(meta["lengths"].shape) == 2 else 1
+    if jax.process_count() == 1:
+        if saved_by == 1:
+            return ocp.args.StandardRestore()
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return ocp.args.StandardRestore({k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local)
+                                         for k, m in meta.items()})
+    if saved_by != jax.process_count():
+        raise ConfigError(f"{Path(r.directory) / str(step)}: the replay buffers were saved by {saved_by} "
+                          f"process(es); an online run resumes with the same number of processes "
+                          f"({jax.process_count()} now)")
+    sharding = _per_process_sharding()
+    return ocp.args.StandardRestore({k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
+                                     for k, m in meta.items()})
+
+
+def _this_process_replay(replay: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """This process's buffer from a restored ``replay`` item: the arrays themselves, this process's row when
+    several processes saved it, or row 0 for one process reading such a checkpoint (as ``_this_process``)."""
+    if replay["lengths"].ndim == 1:
+        return {k: np.asarray(v) for k, v in replay.items()}
+    if jax.process_count() > 1:
+        return {k: np.asarray(v.addressable_shards[0].data)[0] for k, v in replay.items()}
+    return {k: np.asarray(v)[0] for k, v in replay.items()}
 
 
 def close(manager: ocp.CheckpointManager) -> None:
@@ -259,9 +307,9 @@ def _restore(directory: str | Path, target: TrainState | jax.sharding.Sharding, 
         has_replay = _has_item(r, step, "replay")
         args = dict(state=ocp.args.StandardRestore(item), data=ocp.args.JsonRestore())
         if has_replay:
-            args["replay"] = ocp.args.StandardRestore()
+            args["replay"] = _replay_restore_args(r, step)
         items = r.restore(step, args=ocp.args.Composite(**args))
-    arrays = {k: np.asarray(v) for k, v in items.replay.items()} if has_replay else None
+    arrays = _this_process_replay(items.replay) if has_replay else None
     state = items.state
     if legacy:
         state = TrainState(params=state["params"], groups={"target": state[LEGACY_TARGET]},
