@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_lm.checkpoints import RUN_TOKENIZER, load_params, run_dir
+from jaxrl_lm.checkpoints import RUN_TOKENIZER, load_params, run_dir, run_seeds
 from jaxrl_lm.config import Config, ModelConfig
 from jaxrl_lm.data.action_trie import ActionTrie, compile_action_trie, pack_tries
 from jaxrl_lm.data.tokenizer import Tokenizer, build_char_tokenizer, load_tokenizer
@@ -297,6 +297,22 @@ class ModelPolicy:
                            max_turns=self.max_turns, actions=actions)
 
 
+def _one_seed(source: str | Path, params: Params, train_seed: Optional[int]) -> Params:
+    """The parameters of seed ``train_seed`` of a run that trained several seeds side by side (stacked on a
+    leading axis); a one-model run's own parameters. Picking none of several seeds is an error naming them."""
+    seeds = run_seeds(source)
+    if not seeds:
+        if train_seed is not None:
+            raise ValueError(f"load_policy: train_seed={train_seed}, but {source} holds one model, not seeds "
+                             f"trained side by side")
+        return params
+    if train_seed not in seeds:
+        raise ValueError(f"load_policy: {source} trained the seeds {seeds} side by side (one model each): pass "
+                         f"train_seed= one of them" + ("" if train_seed is None else f", not {train_seed}"))
+    index = seeds.index(train_seed)
+    return jax.tree.map(lambda x: x[index], params)
+
+
 def load_policy(
     source: str | Path | Params,
     kind: Optional[str] = None,
@@ -316,6 +332,7 @@ def load_policy(
     max_turns: Optional[int] = None,
     actions: Optional[ActionSource] = None,
     seed: int = 0,
+    train_seed: Optional[int] = None,
 ) -> ModelPolicy:
     """A ``ModelPolicy`` from a checkpoint or from parameters.
 
@@ -349,6 +366,8 @@ def load_policy(
         ``jaxrl_lm.envs.base.transcript_legal_actions``: the episode's env's ``legal_actions()``); None: free text
         (module docstring).
       seed: of the sampling PRNG (each call draws a fresh key from it).
+      train_seed: of a run that trained several seeds side by side (``--seeds``, an experiment's method), the
+        seed whose model to load; required there, an error elsewhere.
 
     Example::
 
@@ -358,6 +377,7 @@ def load_policy(
     if isinstance(source, (str, Path)):
         saved_cfg, params, _ = load_params(source, step)
         cfg = cfg or saved_cfg
+        params = _one_seed(source, params, train_seed)
         if tokenizer is None and (run_dir(source) / RUN_TOKENIZER).is_dir():
             tokenizer = load_tokenizer(run_dir(source) / RUN_TOKENIZER)
     elif cfg is None:

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 import jaxrl_lm
-from jaxrl_lm import data
+from jaxrl_lm import data, envs
 from jaxrl_lm.batch import segment_positions
 from jaxrl_lm.config import load_config
 from jaxrl_lm.experiments.diagnostics import (DECISION_FIELDS, advantage_html, dataset_batches, returns_to_go,
@@ -267,3 +267,16 @@ def test_evaluate_script_writes_the_diagnostics_of_a_tiny_run(tmp_path, capsys):
                           "--diagnostics-records", "40"]) == 0
     assert sorted(p.name for p in (tmp_path / "both").glob("summary_*")) == ["summary_step20_seed0.json",
                                                                             "summary_step20_seed1.json"]
+
+    # load_policy on this run of two seeds loads the one it is asked for, and refuses to guess.
+    with pytest.raises(ValueError, match=r"trained the seeds \[0, 1\] side by side"):
+        jaxrl_lm.load_policy(tmp_path / "run", "bc")
+    with pytest.raises(ValueError, match="not 7"):
+        jaxrl_lm.load_policy(tmp_path / "run", "bc", train_seed=7)
+    saved, stacked, _ = jaxrl_lm.checkpoints.load_params(tmp_path / "run")
+    transcripts = [envs.get_task("grid").make_env().reset(s) + "\n" for s in range(4)]
+    for seed in (0, 1):
+        picked = jaxrl_lm.load_policy(tmp_path / "run", "ilql", temperature=0.0, train_seed=seed)
+        sliced = jaxrl_lm.load_policy(jax.tree.map(lambda x, i=seed: x[i], stacked), "ilql", cfg=saved,
+                                      temperature=0.0, tokenizer=picked.tokenizer)
+        assert picked(transcripts) == sliced(transcripts)

@@ -5,6 +5,7 @@ import logging
 import shutil
 
 import numpy as np
+import pytest
 
 import jaxrl_lm
 from jaxrl_lm import envs
@@ -37,6 +38,8 @@ def test_a_moved_run_loads_with_its_own_tokenizer_and_its_eval_settings(tmp_path
     # eval.* of grid.yaml: the last policy, its beta, and the first of eval.decodings (greedy)
     assert (knobs["kind"], knobs["beta"], knobs["temperature"]) == ("ilql", 4.0, 0.0)
     assert describe(jaxrl_lm.load_policy(moved, "bc", temperature=0.5))["temperature"] == 0.5  # asked: honoured
+    with pytest.raises(ValueError, match="holds one model"):  # a seed to pick only in a run of several
+        jaxrl_lm.load_policy(moved, train_seed=0)
     observation = envs.make_env("grid").reset(0)
     (action,) = policy([envs.render_transcript([{"role": "observation", "text": observation}])])
     assert isinstance(action, str)  # greedy after 2 steps may say nothing but the end of its turn
