@@ -788,8 +788,6 @@ def validate_online(cfg: Config) -> None:
                           "online.temperature > 0")
     if o.enabled and not (o.task or eval_task(cfg)):
         raise ConfigError("online.enabled: name the task to play (online.task, eval.task or data.path task:NAME)")
-    if o.imitate not in ("all", "offline"):
-        raise ConfigError(f"online.imitate must be 'all' or 'offline', got {o.imitate!r}")
     if o.enabled and o.imitate == "offline":
         if o.offline_fraction <= 0:
             raise ConfigError("online.imitate: offline clones only the offline share of each batch: set "

@@ -160,10 +160,9 @@ def _choose(model: QTransformer, spec: DecodeSpec, sampling: Sampling, stop_ids:
         legal = trie_mask(trie, s.node, spec.max_new_tokens - s.t, scores.shape[-1]) | s.done[:, None]
         allowed = legal if allowed is None else legal & allowed
     token = sample_tokens(key, scores, sampling.temperature, spec.top_k, sampling.top_p, allowed)
-    if spec.greedy_candidate:  # row b * n is episode b's greedy candidate
-        greedy = jnp.argmax(scores if allowed is None else jnp.where(allowed, scores, -jnp.inf), axis=-1)
-        first = jnp.arange(token.shape[0]) % spec.best_of == 0
-        token = jnp.where(first, greedy.astype(jnp.int32), token)
+    if spec.greedy_candidate:  # row b * n is episode b's greedy candidate: the same choice at temperature 0
+        greedy = sample_tokens(key, scores, 0.0, spec.top_k, 1.0, allowed)
+        token = jnp.where(jnp.arange(token.shape[0]) % spec.best_of == 0, greedy, token)
     if q is not None:
         q_token = jnp.take_along_axis(jnp.min(q, axis=0), token[:, None], axis=-1)[:, 0]
     elif spec.best_of > 1:
