@@ -1,22 +1,21 @@
 """The utterance-level claim, reduced to fit CI: on negotiation, the utterance-level critic's policy beats
 behaviour cloning.
 
-The full experiments (``python scripts/reproduce.py negotiation`` and ``dialogue``: separate runs per method, 3
-seeds) are in the README. Here, through ``scripts/train.py`` in a subprocess (as tests/test_headline.py does,
-and for its reason), one run of ``configs/tasks/negotiation.yaml`` with ``rl.objective: utterance_q``
-(expectile), cut to ``STEPS`` steps, trains the LM head (plain behaviour cloning, the critic's proposal
-distribution) beside the critic on the same trunk and data; at the end both policies play every buyer once:
-``bc`` decodes the LM head (its better decoding is compared), ``utterance`` samples ``eval.candidates`` offers
-from it and says the one the critic values most.
+The full experiment (``python scripts/reproduce.py negotiation``: separate runs per method, 3 seeds) is in the
+README. Here, through ``scripts/train.py`` in a subprocess (as tests/test_headline.py does, and for its
+reason), one run of ``configs/tasks/negotiation.yaml`` with ``rl.objective: utterance_q`` (expectile), cut to
+``STEPS`` steps, trains the LM head (plain behaviour cloning, the critic's proposal distribution) beside the
+critic on the same trunk and data; at the end both policies play every buyer once: ``bc`` decodes the LM head
+(its better decoding is compared), ``utterance`` samples ``eval.candidates`` offers from it and says the one the
+critic values most.
 
 No seller style in the data reads the buyer's counteroffers, so only a critic can lift either policy above the
 cloned one; the critic's choice must win by ``MARGIN`` normalised points.
 
 What this does not show: greedy behaviour cloning replays the data's most common seller (the haggler, 80.8),
-which the critic's sampled choice does not beat in this budget (README, negotiation). The KL-constrained actor's
-reduced check (300 actor steps from this run) was removed in stop 36 to keep the suite under 20 minutes: it cost
-224 s to confirm a known miss (50.9 against greedy BC's 71.5); its losses, gradients and resume are checked in
-tests/test_actor_critic.py.
+which the critic's sampled choice does not beat in this budget (README, negotiation). The KL-constrained actor
+has no reduced check here: 300 actor steps from this run cost 224 s to confirm a known miss (50.9 against greedy
+BC's 71.5; README, actor-critics); its losses, gradients and resume are checked in tests/test_actor_critic.py.
 """
 
 import json
