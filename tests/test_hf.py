@@ -321,7 +321,8 @@ def greedy(cfg: ModelConfig, params, prompt: list[int], n_new: int) -> list[int]
 
 @pytest.mark.slow
 def test_smollm2_greedy_continuation_matches_transformers(tmp_path):
-    from jaxrl_lm.interop.gguf import import_gguf, read_gguf, save_gguf_tokenizer, smollm2_gguf, write_hf_dir
+    from jaxrl_lm.interop.gguf import (import_gguf, read_gguf, save_gguf_tokenizer, smollm2_gguf, trim_gguf_vocab,
+                                       write_hf_dir)
 
     start = time.perf_counter()
     gguf = read_gguf(smollm2_gguf())
@@ -345,3 +346,18 @@ def test_smollm2_greedy_continuation_matches_transformers(tmp_path):
     print(f"SmolLM2 greedy: {ours} {hf_tok.decode(ours)!r}")
     assert ours == theirs.tolist()
     assert "Paris" in hf_tok.decode(ours)  # the q/k un-permutation is right, not merely consistent
+
+    # Trimmed to twenty questions' texts (scripts/import_hf.py --trim-vocab): a game encodes as before and the LM
+    # and Q logits are the full model's at the kept ids.
+    turns = ["guess the object", "is it an animal?", "yes", "can it fly?", "no", "is it a cat?"]
+    small_cfg, small_params, small_tok = import_gguf(trim_gguf_vocab(gguf, turns), q_init="lm_head", n_q_heads=1,
+                                                     q_head="linear")
+    kept = np.asarray([tok.backend.token_to_id(small_tok.backend.id_to_token(i)) for i in range(small_cfg.vocab_size)])
+    assert small_cfg.vocab_size < 300 and small_tok.eot_id == int(np.searchsorted(kept, tok.eot_id))
+    game = np.concatenate(tok.encode_batch(turns))[None]
+    small_game = np.concatenate(small_tok.encode_batch(turns))[None]
+    assert np.array_equal(kept[small_game], game)
+    lm, q, _ = engine_forward(cfg)(params, game)
+    small_lm, small_q, _ = engine_forward(small_cfg)(small_params, small_game)
+    assert max_diff(small_lm[..., :small_cfg.vocab_size], lm[..., kept]) < 1e-4
+    assert max_diff(small_q[..., :small_cfg.vocab_size], q[..., kept]) < 1e-4

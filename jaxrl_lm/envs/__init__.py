@@ -40,6 +40,7 @@ from jaxrl_lm.envs.tasks import (
     run_policy,
     task_dataset,
     task_names,
+    vocabulary_texts,
 )
 
 # Imported for their registrations.
@@ -72,6 +73,7 @@ __all__ = [
     "rollout",
     "run_policy",
     "task_dataset",
+    "vocabulary_texts",
     "task_names",
     "write_jsonl",
 ]

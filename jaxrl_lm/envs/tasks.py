@@ -19,7 +19,8 @@ import numpy as np
 
 from jaxrl_lm.config import DataConfig
 from jaxrl_lm.data.loader import TASK_PREFIX  # data.path: task:NAME names a built-in task's offline data
-from jaxrl_lm.envs.base import Env, EpisodeRecord, Policy, register_env, rollout
+from jaxrl_lm.data.episodes import read_jsonl
+from jaxrl_lm.envs.base import Env, EpisodeRecord, Policy, legal_actions, register_env, rollout
 from jaxrl_lm.envs.normalize import TaskStats
 
 # Dataset anchors: the 50 mark is the dataset's mean return, unless the dataset's episodes are not whole
@@ -275,3 +276,24 @@ def task_dataset(data_cfg: DataConfig) -> list[EpisodeRecord]:
     episodes, _ = make_dataset(name, episodes=data_cfg.task_episodes, seed=data_cfg.seed,
                                behaviour=data_cfg.task_behaviour)
     return episodes
+
+
+def vocabulary_texts(data_cfg: DataConfig) -> list[str]:
+    """Every distinct turn text of the run's data, and for a built-in task the texts its env can say or accept:
+    the first observations of every start and the legal actions (``legal_actions()``) there, sorted.
+
+    What a vocabulary trimmed for the run must tokenize as the full one does (``scripts/import_hf.py
+    --trim-vocab``, ``jaxrl_lm.data.vocab_trim``). ``data.path`` is ``task:NAME`` or a JSONL file.
+    """
+    if data_cfg.path.startswith(TASK_PREFIX):
+        episodes = task_dataset(data_cfg)
+        texts = {turn["text"] for episode in episodes for turn in episode["turns"]}
+        spec = get_task(data_cfg.path[len(TASK_PREFIX):])
+        env = spec.make_env()
+        for seed in range(spec.num_instances):
+            texts.add(env.reset(seed))
+            texts.update(legal_actions(env) or ())
+    else:
+        episodes, _ = read_jsonl(data_cfg.path)
+        texts = {turn.text for episode in episodes for turn in episode.turns}
+    return sorted(texts)

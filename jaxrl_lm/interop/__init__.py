@@ -16,7 +16,10 @@ What lives where (each module imports only the modules listed above it, plus ``j
   (``q_init``: ``init_heads``, ``q_heads_from_lm``).
 - ``hf_export``: ``export_hf``, ``trunk_to_hf`` and the merged policy LM head (``policy_lm_head``, whose formula
   is ``jaxrl_lm.rl.policy_extraction.merged_policy_weights``).
-- ``gguf``: a Llama GGUF file as HF tensors and tokenizer (``read_gguf``, ``import_gguf``, ``load_smollm2``).
+- ``vocab_trim``: a checkpoint cut down to a task's tokens (``trim_hf_vocab``; the tokenizer side is
+  ``jaxrl_lm.data.vocab_trim``).
+- ``gguf``: a Llama GGUF file as HF tensors and tokenizer (``read_gguf``, ``import_gguf``, ``load_smollm2``,
+  ``trim_gguf_vocab``).
 
 Tokenizer files of an export are written by ``jaxrl_lm.data.save_tokenizer``.
 """
@@ -28,6 +31,7 @@ from jaxrl_lm.interop.gguf import (
     read_gguf,
     save_gguf_tokenizer,
     smollm2_gguf,
+    trim_gguf_vocab,
     unpermute_rope,
     write_hf_dir,
 )
@@ -37,11 +41,12 @@ from jaxrl_lm.interop.hf_export import export_hf, policy_lm_head, trunk_to_hf
 from jaxrl_lm.interop.hf_import import import_hf, init_heads, params_from_hf, q_heads_from_lm, trunk_from_hf
 from jaxrl_lm.interop.names import Hook, Rule, lm_rows, rules
 from jaxrl_lm.interop.safetensors_io import WEIGHTS_INDEX, SafetensorsDir
+from jaxrl_lm.interop.vocab_trim import trim_hf_vocab
 
 __all__ = [
     "ARCH_FIELDS", "GGUFModel", "HEADS_FILE", "HEADS_FORMAT", "HEADS_JSON", "Hook", "Rule", "SafetensorsDir",
     "WEIGHTS_INDEX", "config_from_hf", "config_to_hf", "export_hf", "import_gguf", "import_hf", "init_heads",
     "lm_rows", "load_smollm2", "params_from_hf", "policy_lm_head", "q_heads_from_lm", "read_gguf", "read_heads",
-    "rules", "save_gguf_tokenizer", "smollm2_gguf", "trunk_from_hf", "trunk_to_hf", "unpermute_rope",
-    "write_hf_dir",
+    "rules", "save_gguf_tokenizer", "smollm2_gguf", "trim_gguf_vocab", "trim_hf_vocab", "trunk_from_hf", "trunk_to_hf",
+    "unpermute_rope", "write_hf_dir",
 ]

