@@ -25,6 +25,18 @@ import pytest  # noqa: E402
 from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Test files holding a test marked ``slow`` run first, the rest after them, each group in its own order.
+
+    ``--dist loadfile`` hands whole files to the workers in collection order (``--no-loadscope-reorder`` in
+    pyproject.toml: xdist's default order, most tests first, put the one-test files such as the grid headline
+    last, where a five-minute file ran alone). Long files first and short ones filling in at the end keeps both
+    workers busy to the end.
+    """
+    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_files)  # stable: keeps each group's order
+
+
 @pytest.fixture(scope="module")
 def compile_once(tmp_path_factory):
     """A persistent XLA cache for one test module: each ``train()`` call jits a fresh closure of the same update,

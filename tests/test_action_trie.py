@@ -376,6 +376,7 @@ def test_thirteen_thousand_actions_under_the_smollm2_tokenizer():
     assert set(token[:3].tolist()) <= root_tokens and np.asarray(mask)[:3].sum(1).tolist() == [len(root_tokens)] * 3
 
 
+@pytest.mark.slow
 def test_training_evaluation_and_the_evaluate_script_decode_only_legal_actions(tmp_path):
     """eval.legal_actions through the loop's entry point (a 2-step run evaluated at its end) and
     scripts/evaluate.py --legal-actions on the run it wrote: every turn is one of twenty questions' actions."""

@@ -192,6 +192,7 @@ def restored(out_dir):
         return r.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
 
 
+@pytest.mark.slow
 def test_init_from_a_multi_seed_run_and_exact_resume_with_every_group(tmp_path, compile_once):
     """A 2-seed source run; a kl_actor run of the same seeds starts from it (params and the frozen reference are
     each seed's source parameters, the EMA target too), and 4 steps straight equal 2 + resume + 2 bitwise."""

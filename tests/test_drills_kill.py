@@ -124,6 +124,7 @@ def check_chain(chains, name):
     return chain["launches"]
 
 
+@pytest.mark.slow
 def test_the_reference_runs_straight(report):
     (launch,) = report["reference"]["launches"]
     assert launch["ended"] == "exit 0" and launch["final"]["step"] == STEPS, log_of(launch)

@@ -77,6 +77,7 @@ def test_eval_config_errors_name_the_key(tmp_path):
                           train__out_dir=str(tmp_path)), progress=False)
 
 
+@pytest.mark.slow
 def test_experiment_runs_every_method_and_seed_and_writes_table_and_plot(tmp_path):
     spec = tmp_path / "grid.yaml"
     spec.write_text(

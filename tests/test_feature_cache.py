@@ -46,6 +46,7 @@ def test_the_token_index_of_a_packed_batch_points_at_its_own_tokens():
     loader.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [2, -1])
 def test_the_loss_and_gradient_from_the_cache_equal_those_through_the_frozen_layers(tmp_path, frozen):
     cfg = small_cfg(train__frozen_layers=frozen, data__feature_cache=str(tmp_path / "cache"))

@@ -90,6 +90,7 @@ def frozen_runs(tmp_path_factory):
     return root, straight_and_resumed(small_cfg, root, envs.task_dataset(small_cfg().data), **kw)
 
 
+@pytest.mark.slow
 def test_a_run_leaves_the_frozen_bottom_bitwise_unchanged_and_resumes_exactly(frozen_runs):
     root, cfg = frozen_runs
     state, first = restore_state(cfg), restore_state(cfg, step=1)

@@ -17,6 +17,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from jaxrl_lm.config import REPO_ROOT
 from jaxrl_lm.envs import get_task
 
@@ -25,6 +27,7 @@ EPISODES_PER_START = 3
 MARGIN = 10.0
 
 
+@pytest.mark.slow
 def test_q_learning_beats_behaviour_cloning_on_grid(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     command = [sys.executable, "scripts/train.py", "--config", "configs/tasks/grid.yaml", "--no-progress",

@@ -18,6 +18,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from jaxrl_lm.config import REPO_ROOT
 
 STEPS, SAMPLE_EVERY, CHECKPOINT_EVERY, KEEP, EVAL_EVERY = 200, 10, 5, 3, 25
@@ -25,6 +27,7 @@ FD_SLACK = 4
 RSS_BOUND_MB = 60.0
 
 
+@pytest.mark.slow
 def test_a_short_soak_keeps_descriptors_flat_memory_bounded_and_checkpoints_rotating(tmp_path):
     report = tmp_path / "soak.json"
     proc = subprocess.run([sys.executable, "scripts/soak.py", "--steps", str(STEPS), "--sample-every",

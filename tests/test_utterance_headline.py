@@ -10,7 +10,8 @@ critic on the same trunk and data; at the end both policies play every buyer onc
 critic values most.
 
 No seller style in the data reads the buyer's counteroffers, so only a critic can lift either policy above the
-cloned one; the critic's choice must win by ``MARGIN`` normalised points.
+cloned one; the critic's choice must win by ``MARGIN`` normalised points: against sampled BC, the distribution it
+chooses from (passes), and against BC's better decoding (a strict expected failure, below).
 
 What this does not show: greedy behaviour cloning replays the data's most common seller (the haggler, 80.8),
 which the critic's sampled choice does not beat in this budget (README, negotiation). The KL-constrained actor
@@ -52,9 +53,21 @@ def critic_run(tmp_path_factory):
 
 # Since evaluations compare against BC's better decoding (issue 21), the claim is missed: on negotiation greedy BC
 # scores 71.5 and the utterance critic 74.6 (2026-12-05). Strict: it fails CI once it holds.
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="missed against BC's better (greedy) decoding: greedy BC 71.5, utterance "
                                        "74.6 (issue 21)")
 def test_utterance_critic_beats_behaviour_cloning_on_negotiation(critic_run):
     final = critic_run
     bc, utterance = final["eval/bc/normalized_score"], final["eval/utterance/normalized_score"]
     assert utterance >= bc + MARGIN, f"utterance {utterance:.1f} vs bc {bc:.1f}: the critic should win by {MARGIN}"
+
+
+@pytest.mark.slow
+def test_the_critics_choice_beats_sampling_the_policy_it_chooses_from(critic_run):
+    """What the same run does show: the utterance policy samples ``eval.candidates`` turns from the LM head and
+    says the one the critic values most; that beats saying one sample of the LM head by ``MARGIN`` points, so
+    the critic ranks the candidates by their worth (a random ranking would score as sampled BC does)."""
+    sampled_bc = critic_run["eval/bc/sampled/normalized_score"]
+    utterance = critic_run["eval/utterance/normalized_score"]
+    assert utterance >= sampled_bc + MARGIN, (f"utterance {utterance:.1f} vs sampled bc {sampled_bc:.1f}: the "
+                                              f"critic's choice should win by {MARGIN}")
