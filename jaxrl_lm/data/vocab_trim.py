@@ -49,9 +49,8 @@ def trim_bpe(backend: tokenizers.Tokenizer, texts: Iterable[str]) -> tuple[token
     token_of = {i: t for t, i in vocab.items()}
     added = {a["id"]: a["content"] for a in spec.get("added_tokens", [])}
 
-    used: set[int] = set(added)
-    texts = list(texts)
-    for enc in backend.encode_batch(texts, add_special_tokens=False) if texts else []:
+    used: set[int] = set()
+    for enc in backend.encode_batch(list(texts), add_special_tokens=False):
         used.update(enc.ids)
     # The byte-level symbols the vocabulary has (SmolLM2's lacks 21 bytes that valid UTF-8 never holds, such as
     # 0xC0 and 0xF5..0xFF): whatever text the old tokenizer encodes, the trimmed one encodes.

@@ -73,7 +73,7 @@ __all__ = [
     "rollout",
     "run_policy",
     "task_dataset",
-    "vocabulary_texts",
     "task_names",
+    "vocabulary_texts",
     "write_jsonl",
 ]

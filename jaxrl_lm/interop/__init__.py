@@ -47,6 +47,6 @@ __all__ = [
     "ARCH_FIELDS", "GGUFModel", "HEADS_FILE", "HEADS_FORMAT", "HEADS_JSON", "Hook", "Rule", "SafetensorsDir",
     "WEIGHTS_INDEX", "config_from_hf", "config_to_hf", "export_hf", "import_gguf", "import_hf", "init_heads",
     "lm_rows", "load_smollm2", "params_from_hf", "policy_lm_head", "q_heads_from_lm", "read_gguf", "read_heads",
-    "rules", "save_gguf_tokenizer", "smollm2_gguf", "trim_gguf_vocab", "trim_hf_vocab", "trunk_from_hf", "trunk_to_hf",
-    "unpermute_rope", "write_hf_dir",
+    "rules", "save_gguf_tokenizer", "smollm2_gguf", "trim_gguf_vocab", "trim_hf_vocab", "trunk_from_hf",
+    "trunk_to_hf", "unpermute_rope", "write_hf_dir",
 ]

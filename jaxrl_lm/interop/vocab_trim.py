@@ -18,7 +18,7 @@ import tokenizers
 
 from jaxrl_lm.data.vocab_trim import trim_bpe
 
-# HF tensors with one row per token id, by architecture family of config.json's model_type.
+# HF tensors with one row per token id: Llama / Qwen2 embedding, an untied LM head, GPT-2 embedding.
 VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight")
 SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
